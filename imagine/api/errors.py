@@ -1,0 +1,80 @@
+"""API errors: every failure the client can cause becomes JSON
+``{"error": {"type", "code", "message", "param"}}`` with a 4xx status, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and the request parameter it is about."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.type = type_
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "code": self.code, "message": self.message, "param": self.param}}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) if parts else None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}", "body")
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    if param is None:  # the body as a whole: empty, or not a JSON object
+        return ApiError(400, "invalid_json", "request body must be a JSON object", "body")
+    if first.get("type") == "missing":
+        return ApiError(422, "missing_parameter", f"'{param}' is required", param)
+    if first.get("type") == "extra_forbidden":
+        return ApiError(422, "unknown_parameter", f"unknown parameter '{param}'", param)
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return ApiError(422, "invalid_parameter", f"'{param}': {msg}", param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug on our side: still JSON, and the message does not leak internals
+        return error_response(ApiError(500, "internal_error", f"internal error ({type(exc).__name__})", None, "server_error"))

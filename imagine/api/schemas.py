@@ -1,0 +1,90 @@
+"""Request / response bodies of the HTTP API (xAI-compatible field names)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imagine.pipeline.sizing import ASPECT_RATIOS, RESOLUTIONS
+
+Resolution = Literal["480p", "720p"]
+AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3"]
+assert set(Resolution.__args__) == set(RESOLUTIONS) and set(AspectRatio.__args__) == set(ASPECT_RATIOS)
+
+MAX_SEED = 2**32 - 1
+
+
+class GenerationRequest(BaseModel):
+    """`POST /v1/videos/generations`: text (and optionally a first-frame image) to video with audio."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., description="What the clip shows and sounds like.", max_length=100_000)
+    model: str | None = Field(None, description="Model preset; default: the server's configured model.")
+    duration: float = Field(5.0, ge=1, le=15, description="Seconds of video (1-15).")
+    resolution: Resolution = Field("480p", description="Short side class: 480p (864x480 at 16:9) or 720p.")
+    aspect_ratio: AspectRatio = Field("16:9", description="Frame aspect ratio.")
+    image_url: str | None = Field(
+        None, description="First frame as a data URI (data:image/png;base64,...); remote URLs are not fetched yet."
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="RNG seed; random when omitted (and reported).")
+    negative_prompt: str | None = Field(None, description="What to steer away from.", max_length=100_000)
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="Denoising steps (1-100).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Classifier-free guidance (1-20).")
+    fps: int | None = Field(None, ge=8, le=60, description="Frames per second (8-60); default from the model.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class CreatedResponse(BaseModel):
+    request_id: str
+
+
+class VideoInfo(BaseModel):
+    url: str
+    duration: float
+    width: int
+    height: int
+    fps: float
+    has_audio: bool = True
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    code: str
+    message: str
+
+
+class JobResponse(BaseModel):
+    """`GET /v1/videos/{id}`."""
+
+    id: str
+    request_id: str
+    object: str = "video"
+    kind: str
+    model: str
+    status: Literal["queued", "running", "done", "failed", "cancelled", "expired"]
+    progress: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    video: VideoInfo | None = None
+    error: ErrorInfo | None = None
+    request: dict[str, Any] = Field(default_factory=dict, description="The resolved request parameters.")
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: str = "model"
+    family: str
+    description: str
+    default: bool
+    max_duration: float
+    default_fps: float
+    default_steps: int

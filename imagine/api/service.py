@@ -1,0 +1,234 @@
+"""What the routes do, without HTTP: validate a request against the server's limits and model,
+store its inputs, insert the job, nudge the scheduler; read, cancel and stream jobs back."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from imagine.api.errors import ApiError
+from imagine.api.schemas import ErrorInfo, GenerationRequest, JobResponse, ModelInfo, VideoInfo
+from imagine.config import AppConfig
+from imagine.jobs import JobNotFound, JobRecord, JobStateConflict, JobStatus, JobStore, NewJob
+from imagine.models.presets import ModelPreset
+from imagine.pipeline.sizing import plan_video
+from imagine.storage import ArtifactNotFound, ArtifactStore
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+_ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+
+
+def input_image_key(job_id: str) -> str:
+    return f"inputs/{job_id}/image.png"
+
+
+def output_video_key(job_id: str) -> str:
+    return f"outputs/{job_id}/video.mp4"
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+    size: int
+    partial: bool
+
+
+def parse_range(header: str | None, size: int) -> ByteRange:
+    """One `bytes=` range per RFC 9110; a malformed header is ignored (full body), an unsatisfiable one is 416."""
+    full = ByteRange(0, size - 1, size, False)
+    if not header:
+        return full
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None or (not match.group(1) and not match.group(2)):
+        return full  # multi-range or garbage: serving the whole body is allowed
+    first, last = match.group(1), match.group(2)
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return full
+    else:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise ApiError(416, "range_not_satisfiable", "empty suffix range", "Range", headers={"Content-Range": f"bytes */{size}"})
+        start, end = max(0, size - n), size - 1
+    if start >= size:
+        raise ApiError(
+            416, "range_not_satisfiable", f"range starts at {start} but the file has {size} bytes", "Range",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return ByteRange(start, end, size, True)
+
+
+class JobService:
+    """The API's behaviour over a job store, an artifact store and the served model presets."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        store: JobStore,
+        artifacts: ArtifactStore,
+        presets: dict[str, ModelPreset],
+        default_model: str,
+        notify: Callable[[], None] | None = None,
+    ):
+        if default_model not in presets:
+            raise ValueError(f"default_model {default_model!r} is not among the served presets {sorted(presets)}")
+        self.config = config
+        self.store = store
+        self.artifacts = artifacts
+        self.presets = presets
+        self.default_model = default_model
+        self.notify = notify or (lambda: None)
+
+    # -- models ----------------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                id=name,
+                family=p.family,
+                description=p.description,
+                default=name == self.default_model,
+                max_duration=p.max_duration_s,
+                default_fps=p.default_fps,
+                default_steps=p.default_steps,
+            )
+            for name, p in self.presets.items()
+        ]
+
+    # -- create ----------------------------------------------------------------------------
+    def _decode_image(self, image_url: str) -> bytes:
+        """A data URI -> normalised PNG bytes; every failure names `image_url`."""
+        limits = self.config.limits
+        if not image_url.startswith("data:"):
+            raise ApiError(
+                400, "unsupported_image_url",
+                "image_url must be a data URI (data:image/png;base64,...); remote URLs are not fetched yet",
+                "image_url",
+            )
+        match = _DATA_URI.match(image_url)
+        if match is None or not match.group("b64"):
+            raise ApiError(400, "invalid_image_url", "image_url is not a base64 data URI", "image_url")
+        if match.group("mime") and not match.group("mime").startswith("image/"):
+            raise ApiError(400, "invalid_image_url", f"image_url has media type {match.group('mime')!r}, not image/*", "image_url")
+        payload = match.group("data")
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"image_url is larger than {limits.max_image_bytes} bytes", "image_url")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, "invalid_image_url", f"image_url has invalid base64: {e}", "image_url") from e
+        try:
+            with Image.open(io.BytesIO(raw)) as probe:
+                fmt = probe.format
+                w, h = probe.size
+                if w * h > limits.max_image_pixels:
+                    raise ApiError(413, "image_too_large", f"image is {w}x{h}, over {limits.max_image_pixels} pixels", "image_url")
+                probe.verify()
+            with Image.open(io.BytesIO(raw)) as img:
+                rgb = img.convert("RGB")
+        except ApiError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ApiError(400, "invalid_image", f"image_url could not be decoded as an image: {e}", "image_url") from e
+        if fmt not in _ALLOWED_IMAGE_FORMATS:
+            raise ApiError(400, "invalid_image", f"image format {fmt} is not supported", "image_url")
+        out = io.BytesIO()
+        rgb.save(out, format="PNG")
+        return out.getvalue()
+
+    def _resolve_model(self, requested: str | None) -> tuple[str, ModelPreset]:
+        name = requested or self.default_model
+        if name not in self.presets:
+            raise ApiError(
+                400, "model_not_found", f"model {name!r} is not served here; available: {sorted(self.presets)}", "model"
+            )
+        return name, self.presets[name]
+
+    def create_generation(self, req: GenerationRequest, tenant: str = "default") -> JobRecord:
+        limits = self.config.limits
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"prompt has {len(req.prompt)} characters, over {limits.max_prompt_chars}", "prompt")
+        if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"negative_prompt is over {limits.max_prompt_chars} characters", "negative_prompt")
+        model_name, preset = self._resolve_model(req.model)
+        if req.duration > preset.max_duration_s:
+            raise ApiError(422, "invalid_parameter", f"duration {req.duration} is over {model_name}'s {preset.max_duration_s} s", "duration")
+        fps = req.fps or preset.default_fps
+        plan = plan_video(req.duration, req.resolution, req.aspect_ratio, fps)
+        image_png = self._decode_image(req.image_url) if req.image_url is not None else None
+
+        job = NewJob(kind="generation", model=model_name, params={}, tenant=tenant)
+        params = {
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt or "",
+            "duration": req.duration,
+            "resolution": req.resolution,
+            "aspect_ratio": req.aspect_ratio,
+            "seed": req.seed if req.seed is not None else random.SystemRandom().randrange(0, 2**32),
+            "num_inference_steps": req.num_inference_steps or preset.default_steps,
+            "guidance_scale": req.guidance_scale if req.guidance_scale is not None else preset.default_guidance_scale,
+            "fps": plan.fps,
+            "width": plan.width,
+            "height": plan.height,
+            "num_frames": plan.num_frames,
+            "image_key": None,
+        }
+        if image_png is not None:
+            params["image_key"] = input_image_key(job.id)
+            self.artifacts.put_bytes(params["image_key"], image_png)
+        job.params = params
+        record = self.store.create(job)
+        self.notify()
+        return record
+
+    # -- read / cancel -----------------------------------------------------------------------
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        try:
+            return self.store.get(job_id, tenant)
+        except JobNotFound as e:
+            raise ApiError(404, "not_found", f"no video job with id {job_id!r}", "id") from e
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        self.get(job_id, tenant)
+        try:
+            return self.store.request_cancel(job_id, tenant)
+        except JobStateConflict as e:
+            raise ApiError(409, "job_finished", str(e), "id") from e
+
+    def to_response(self, job: JobRecord, base_url: str) -> JobResponse:
+        video = None
+        if job.status == JobStatus.DONE and job.result:
+            r = job.result
+            video = VideoInfo(
+                url=f"{(self.config.public_url or base_url).rstrip('/')}/v1/videos/{job.id}/content",
+                duration=r["duration_s"], width=r["width"], height=r["height"], fps=r["fps"], has_audio=r.get("has_audio", True),
+            )
+        error = ErrorInfo(**job.error) if job.error else None
+        request = {k: v for k, v in job.params.items() if k != "image_key"}
+        request["has_image"] = bool(job.params.get("image_key"))
+        return JobResponse(
+            id=job.id, request_id=job.id, kind=job.kind, model=job.model, status=job.status.value,
+            progress=round(job.progress, 4), created_at=job.created_at, started_at=job.started_at,
+            finished_at=job.finished_at, video=video, error=error, request=request,
+        )
+
+    def content(self, job_id: str, range_header: str | None, tenant: str | None = None) -> tuple[ByteRange, Iterator[bytes]]:
+        job = self.get(job_id, tenant)
+        if job.status != JobStatus.DONE or not job.result:
+            raise ApiError(409, "video_not_ready", f"job {job_id} is {job.status.value}; content exists once it is done", "id")
+        key = job.result["artifact_key"]
+        try:
+            size = self.artifacts.size(key)
+        except ArtifactNotFound as e:
+            raise ApiError(410, "content_gone", f"the video of job {job_id} is no longer stored", "id") from e
+        rng = parse_range(range_header, size)
+        return rng, self.artifacts.iter_range(key, rng.start, rng.end)

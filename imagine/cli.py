@@ -1,0 +1,195 @@
+"""The `imagine` command: `up` runs a local Ray + the app in the foreground; `generate`, `status`,
+`cancel` and `models` talk to a running service over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from imagine.client import DEFAULT_URL, ImagineClient, ImagineError
+
+
+def _load_config(path: str | None, overrides: dict[str, Any]):  # noqa: ANN202 - AppConfig, imported lazily
+    import yaml
+
+    from imagine.config import AppConfig
+
+    data: dict[str, Any] = {}
+    if path:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        # accept either bare AppConfig fields or a Serve config file (applications[0].args)
+        if "applications" in raw:
+            raw = raw["applications"][0].get("args", {})
+        data.update(raw)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return AppConfig.model_validate(data)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from imagine.serving.app import build_app
+
+    config = _load_config(args.config, {"model.preset": args.preset, "home": args.home})
+    url = f"http://{args.host}:{args.port}"
+    print(f"imagine: starting Ray + Serve (model {config.model.preset!r}, state in {config.home}) ...", flush=True)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    stop = threading.Event()
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config), name="imagine", route_prefix="/", blocking=False)
+        print(f"imagine: ready at {url}  (OpenAPI docs: {url}/docs)")
+        print("try:")
+        print(
+            f"  curl -s -X POST {url}/v1/videos/generations -H 'Content-Type: application/json' "
+            "-d '{\"prompt\": \"a lighthouse at dusk, waves crashing\", \"duration\": 2}'"
+        )
+        print(f"  curl -s {url}/v1/videos/<request_id>        # then .../content -o out.mp4")
+        print(f"  imagine generate 'a lighthouse at dusk' --duration 2 -o out.mp4 --url {url}")
+        print("auth: off (local development server); Ctrl-C stops.", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        print("imagine: stopping ...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("imagine: stopped", flush=True)
+    return 0
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(json.dumps(job, indent=2))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    params = {
+        "duration": args.duration,
+        "resolution": args.resolution,
+        "aspect_ratio": args.aspect_ratio,
+        "seed": args.seed,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "fps": args.fps,
+        "model": args.model,
+    }
+    if args.image:
+        import base64
+        import mimetypes
+
+        mime = mimetypes.guess_type(args.image)[0] or "image/png"
+        params["image_url"] = f"data:{mime};base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
+    with ImagineClient(args.url) as client:
+        job_id = client.generate(args.prompt, **params)
+        print(f"request_id: {job_id}", file=sys.stderr)
+        with tqdm(total=100, unit="%", desc="generating", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}]") as bar:
+
+            def update(job: dict[str, Any]) -> None:
+                bar.set_postfix_str(job["status"])
+                bar.update(round(job["progress"] * 100, 1) - bar.n)
+
+            job = client.wait(job_id, timeout=args.timeout, on_update=update)
+        if job["status"] != "done":
+            print(f"job {job_id} ended {job['status']}: {job.get('error')}", file=sys.stderr)
+            return 1
+        out = client.download(job_id, args.output)
+        v = job["video"]
+        print(f"wrote {out} ({v['width']}x{v['height']}, {v['duration']:.2f}s at {v['fps']:g} fps, with audio)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with ImagineClient(args.url) as client:
+        _print_job(client.get(args.id))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with ImagineClient(args.url) as client:
+        _print_job(client.cancel(args.id))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with ImagineClient(args.url) as client:
+        for m in client.models():
+            print(f"{m['id']}{' (default)' if m['default'] else ''}: {m['description']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagine", description="Self-hosted video + audio generation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local Ray + the Imagine app in the foreground")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    up.add_argument("--config", help="YAML with AppConfig fields, or a Serve config file")
+    up.add_argument("--preset", help="model preset (default: tiny)")
+    up.add_argument("--home", help="state directory (default: $IMAGINE_HOME or ~/.cache/imagine)")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="generate a video and download it")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.mp4")
+    gen.add_argument("--duration", type=float, default=5.0)
+    gen.add_argument("--resolution", default="480p")
+    gen.add_argument("--aspect-ratio", default="16:9")
+    gen.add_argument("--image", help="first frame (png/jpeg file)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--fps", type=int)
+    gen.add_argument("--model")
+    gen.add_argument("--timeout", type=float, default=1800.0)
+    gen.set_defaults(func=cmd_generate)
+
+    for name, func, text in (("status", cmd_status, "show a job"), ("cancel", cmd_cancel, "cancel a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id")
+        p.set_defaults(func=func)
+    models = sub.add_parser("models", help="list served models")
+    models.set_defaults(func=cmd_models)
+    for p in sub.choices.values():
+        if p is not up:
+            p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImagineError as e:
+        print(f"imagine: {e}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError, httpx.TransportError) as e:
+        print(f"imagine: cannot reach the service: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

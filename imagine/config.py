@@ -1,0 +1,158 @@
+"""Server / cluster configuration: one pydantic tree that flows from serve_config.yaml or CLI flags
+down to every deployment and stage. Model presets live in ``imagine.models.presets``; per-request
+parameters live in ``imagine.api.schemas``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_home() -> Path:
+    """``$IMAGINE_HOME`` or ``~/.cache/imagine``: model cache, SQLite file and local artifacts."""
+    return Path(os.environ.get("IMAGINE_HOME") or Path.home() / ".cache" / "imagine").expanduser()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model preset the generation deployments load, and where they run it."""
+
+    preset: str = Field("tiny", description="Model preset name (see `GET /v1/models`); `tiny` is random-init.")
+    source: str | None = Field(
+        None,
+        description="Override of the preset's weight location: a local directory or an s3://bucket/prefix URI.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store for s3:// sources (None = AWS default)."
+    )
+    device: str = Field("cpu", description="torch device for the model stages, e.g. `cpu` or `cuda`.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="torch dtype the weights are cast to."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads per replica (None = torch default)."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device must be cpu, cuda[:N] or mps, got {value!r}")
+        return value
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling for one deployment (passed through as `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Upper bound on replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=1000, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="Per-replica load the autoscaler aims for.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="Seconds of sustained load before adding replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before removing replicas.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Resources and scaling of one Serve deployment."""
+
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    max_ongoing_requests: int = Field(1, ge=1, le=10_000, description="Concurrent requests per replica.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "ray_actor_options": self.ray_actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": self.autoscaling.model_dump(exclude_none=True),
+        }
+
+
+class LimitsConfig(_Strict):
+    """Input limits enforced by the API (4xx past them)."""
+
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt / negative prompt.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest decoded image_url payload.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image (width x height).")
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest accepted JSON body.")
+
+
+def _ingress_default() -> DeploymentConfig:
+    return DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
+
+
+def _scheduler_default() -> DeploymentConfig:
+    return DeploymentConfig(num_cpus=0.05, max_ongoing_requests=1000)
+
+
+def _stage_default() -> DeploymentConfig:
+    return DeploymentConfig(num_cpus=0.25, max_ongoing_requests=2)
+
+
+class AppConfig(_Strict):
+    """Everything `build_app` needs: state locations, the model, and per-deployment options."""
+
+    home: Path = Field(default_factory=default_home, description="Cache, SQLite and local artifact root.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store; None = SQLite file `<home>/imagine.db`."
+    )
+    artifacts_dir: Path | None = Field(None, description="Local artifact directory; None = `<home>/artifacts`.")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach the API at, used for `video.url` (None = from the request)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The generation model.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="API input limits.")
+    max_inflight_jobs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Jobs the scheduler keeps running at once; None = denoiser max_replicas x max_ongoing_requests.",
+    )
+    poll_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often the scheduler looks for queued jobs without a nudge."
+    )
+    progress_every_steps: int = Field(1, ge=1, description="Write job progress every N denoising steps.")
+    mp4_crf: int = Field(18, ge=0, le=51, description="x264 CRF of the output MP4 (lower = better).")
+    ingress: DeploymentConfig = Field(default_factory=_ingress_default, description="HTTP ingress.")
+    scheduler: DeploymentConfig = Field(default_factory=_scheduler_default, description="Job dispatcher.")
+    text_encoder: DeploymentConfig = Field(default_factory=_stage_default, description="Prompt encoder.")
+    denoiser: DeploymentConfig = Field(default_factory=_stage_default, description="Sampling loop.")
+    decoder: DeploymentConfig = Field(default_factory=_stage_default, description="VAE decode + mux + store.")
+
+    @field_validator("home", "artifacts_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'imagine.db'}"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return self.artifacts_dir or self.home / "artifacts"
+
+    @property
+    def resolved_max_inflight_jobs(self) -> int:
+        if self.max_inflight_jobs is not None:
+            return self.max_inflight_jobs
+        return self.denoiser.autoscaling.max_replicas * self.denoiser.max_ongoing_requests

@@ -1,0 +1,1 @@
+"""Sequence/tensor-parallel denoising (the parallel issue); process groups live here, no model code."""

@@ -1,0 +1,1 @@
+"""Scheduling: which queued job runs next, and how many at once."""

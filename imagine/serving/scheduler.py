@@ -1,0 +1,87 @@
+"""The scheduler deployment (one replica): hosts the `Dispatcher` and runs each claimed job through
+encoder -> denoiser -> decoder handles. Its state is the job store, so a restart just re-queues."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+from PIL import Image
+
+from imagine.config import AppConfig
+from imagine.jobs import JobRecord, JobStore
+from imagine.pipeline.types import GenerationSpec, prepare_image
+from imagine.scheduling.dispatcher import Dispatcher
+from imagine.storage import ArtifactStore, open_artifact_store
+from imagine.api.service import output_video_key
+
+logger = logging.getLogger(__name__)
+
+
+def spec_from_job(job: JobRecord, artifacts: ArtifactStore) -> GenerationSpec:
+    """The stage input for a stored generation job (loads its first-frame image, if any)."""
+    p = job.params
+    image = None
+    if p.get("image_key"):
+        with Image.open(io.BytesIO(artifacts.read_bytes(p["image_key"]))) as img:
+            image = prepare_image(img.convert("RGB"), p["width"], p["height"])
+    return GenerationSpec(
+        prompt=p["prompt"],
+        negative_prompt=p["negative_prompt"],
+        width=p["width"],
+        height=p["height"],
+        num_frames=p["num_frames"],
+        fps=p["fps"],
+        num_inference_steps=p["num_inference_steps"],
+        guidance_scale=p["guidance_scale"],
+        seed=p["seed"],
+        image=image,
+    )
+
+
+def _error(code: str, exc: BaseException) -> dict[str, str]:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError carries the replica's exception as .cause
+    return {"type": "server_error", "code": code, "message": f"{type(cause).__name__}: {cause}"[:1000]}
+
+
+class SchedulerServer:
+    async def __init__(self, config: AppConfig, encoder: Any, denoiser: Any, decoder: Any):
+        self.config = config
+        self.store = JobStore(config.resolved_database_url)
+        self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
+        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
+        self.dispatcher = Dispatcher(
+            self.store, self.run_job, config.resolved_max_inflight_jobs, config.poll_interval_s
+        )
+        await asyncio.to_thread(self.dispatcher.recover)
+        self._loop_task = asyncio.get_running_loop().create_task(self.dispatcher.run_forever())
+
+    async def nudge(self) -> None:
+        self.dispatcher.nudge()
+
+    async def running(self) -> list[str]:
+        return self.dispatcher.running_ids
+
+    async def check_health(self) -> None:
+        if self._loop_task.done():
+            raise RuntimeError(f"dispatch loop stopped: {self._loop_task.exception()!r}")
+
+    async def run_job(self, job: JobRecord) -> None:
+        store = self.store
+        try:
+            spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
+            embeddings = self.encoder.encode.remote(spec.prompt, spec.negative_prompt, spec.guidance_scale > 1.0)
+            outcome = await self.denoiser.denoise.remote(job.id, job.attempt, spec, embeddings)
+            if outcome.cancelled:
+                await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
+                return
+            result = await self.decoder.decode.remote(job.id, outcome.latents, output_video_key(job.id))
+            if not await asyncio.to_thread(store.complete, job.id, job.attempt, result):
+                logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # any stage failure fails this job, not the scheduler
+            logger.exception("job %s failed", job.id)
+            await asyncio.to_thread(store.fail, job.id, job.attempt, _error("generation_failed", e))

@@ -1,0 +1,133 @@
+"""Job store transitions and the dispatch loop, without Ray (real SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from imagine.jobs import JobStateConflict, JobStatus, JobStore, NewJob
+from imagine.scheduling.dispatcher import Dispatcher
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield s
+    s.close()
+
+
+def _new(store: JobStore, **params) -> str:
+    return store.create(NewJob(kind="generation", model="tiny", params=params)).id
+
+
+def test_wal_mode_and_roundtrip(store):
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    jid = _new(store, prompt="p", seed=1)
+    job = store.get(jid)
+    assert job.status == JobStatus.QUEUED and job.params == {"prompt": "p", "seed": 1} and job.attempt == 0
+
+
+def test_claim_is_fifo_and_exclusive(store):
+    ids = [_new(store, i=i) for i in range(3)]
+    claimed = store.claim_next()
+    assert claimed.id == ids[0] and claimed.status == JobStatus.RUNNING and claimed.attempt == 1
+    assert store.claim(ids[0]) is None  # already running
+
+
+def test_concurrent_claims_never_double_dispatch(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    stores = [JobStore(url) for _ in range(4)]
+    ids = {_new(stores[0], i=i) for i in range(20)}
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def worker(s: JobStore) -> None:
+        while (job := s.claim_next()) is not None:
+            with lock:
+                got.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == sorted(ids)  # each job exactly once
+
+
+def test_stale_attempt_cannot_finish(store):
+    jid = _new(store)
+    first = store.claim_next()
+    assert store.requeue_running() == 1
+    second = store.claim_next()
+    assert second.attempt == first.attempt + 1
+    assert store.complete(jid, first.attempt, {"x": 1}) is False
+    assert store.complete(jid, second.attempt, {"x": 2}) is True
+    assert store.get(jid).result == {"x": 2} and store.get(jid).progress == 1.0
+
+
+def test_cancel_paths(store):
+    queued = _new(store)
+    assert store.request_cancel(queued).status == JobStatus.CANCELLED
+    running = _new(store)
+    job = store.claim_next()
+    assert store.report_progress(running, job.attempt, 0.3) is False
+    assert store.request_cancel(running).cancel_requested is True
+    assert store.report_progress(running, job.attempt, 0.4) is True
+    # a restart while the cancel is pending ends the job cancelled instead of re-running it
+    assert store.requeue_running() == 0 and store.get(running).status == JobStatus.CANCELLED
+    with pytest.raises(JobStateConflict):
+        store.request_cancel(running)
+
+
+def test_fail_records_error(store):
+    jid = _new(store)
+    job = store.claim_next()
+    assert store.fail(jid, job.attempt, {"type": "server_error", "code": "x", "message": "boom"})
+    rec = store.get(jid)
+    assert rec.status == JobStatus.FAILED and rec.error["message"] == "boom" and rec.finished_at
+
+
+def test_dispatcher_respects_capacity_and_drains(store):
+    ids = [_new(store, i=i) for i in range(5)]
+
+    async def scenario() -> list[int]:
+        concurrent, peak, release = 0, [], asyncio.Event()
+
+        async def run_job(job):
+            nonlocal concurrent
+            concurrent += 1
+            peak.append(concurrent)
+            await release.wait()
+            concurrent -= 1
+            store.complete(job.id, job.attempt, {})
+
+        d = Dispatcher(store, run_job, capacity=2, poll_interval_s=0.05)
+        loop_task = asyncio.create_task(d.run_forever())
+        for _ in range(100):
+            if len(d.running_ids) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(d.running_ids) == 2
+        assert store.count_by_status()["queued"] == 3  # no over-claiming
+        release.set()
+        for _ in range(500):
+            if store.count_by_status().get("done") == 5:
+                break
+            await asyncio.sleep(0.01)
+        await d.stop()
+        loop_task.cancel()
+        return peak
+
+    peak = asyncio.run(scenario())
+    assert max(peak) == 2
+    assert all(store.get(i).status == JobStatus.DONE for i in ids)
+
+
+def test_dispatcher_recover_requeues_running(store):
+    jid = _new(store)
+    store.claim_next()
+    d = Dispatcher(store, run_job=lambda job: asyncio.sleep(0), capacity=1)
+    assert d.recover() == 1 and store.get(jid).status == JobStatus.QUEUED
