@@ -101,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mime = mimetypes.guess_type(args.image)[0] or "image/png"
         params["image_url"] = f"data:{mime};base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
     with ImagineClient(args.url) as client:
+        if args.wait_ready:
+            client.wait_ready(args.wait_ready)
         job_id = client.generate(args.prompt, **params)
         print(f"request_id: {job_id}", file=sys.stderr)
         with tqdm(total=100, unit="%", desc="generating", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}]") as bar:
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--fps", type=int)
     gen.add_argument("--model")
-    gen.add_argument("--timeout", type=float, default=1800.0)
+    gen.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the job")
+    gen.add_argument("--wait-ready", type=float, default=0.0, help="seconds to wait for a starting service")
     gen.set_defaults(func=cmd_generate)
 
     for name, func, text in (("status", cmd_status, "show a job"), ("cancel", cmd_cancel, "cancel a job")):
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, OSError, httpx.TransportError) as e:
         print(f"imagine: cannot reach the service: {e}", file=sys.stderr)
         return 2
+    except TimeoutError as e:
+        print(f"imagine: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -53,6 +53,19 @@ class ImagineClient:
             raise ImagineError(resp.status_code, error)
         return resp
 
+    def wait_ready(self, timeout: float) -> None:
+        """Block until `GET /healthz` answers 200 (a service still starting refuses connections)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.base_url} not ready after {timeout}s")
+            time.sleep(0.5)
+
     def generate(self, prompt: str, **params: Any) -> str:
         """Queue a generation; returns its request id. `params` are the API's fields (duration, seed, ...)."""
         body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
