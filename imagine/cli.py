@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -46,6 +47,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from imagine.serving.app import build_app
 
     config = _load_config(args.config, {"model.preset": args.preset, "home": args.home})
+    if config.model.torch_threads is None:
+        # Ray pins fractional-CPU replicas to 1 thread; on a laptop the stages may use every core
+        config.model.torch_threads = args.num_cpus or os.cpu_count() or 1
     url = f"http://{args.host}:{args.port}"
     print(f"imagine: starting Ray + Serve (model {config.model.preset!r}, state in {config.home}) ...", flush=True)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")

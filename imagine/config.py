@@ -132,6 +132,9 @@ class AppConfig(_Strict):
     )
     progress_every_steps: int = Field(1, ge=1, description="Write job progress every N denoising steps.")
     mp4_crf: int = Field(18, ge=0, le=51, description="x264 CRF of the output MP4 (lower = better).")
+    mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"] = (
+        Field("veryfast", description="x264 preset of the output MP4 (encode speed vs size).")
+    )
     ingress: DeploymentConfig = Field(default_factory=_ingress_default, description="HTTP ingress.")
     scheduler: DeploymentConfig = Field(default_factory=_scheduler_default, description="Job dispatcher.")
     text_encoder: DeploymentConfig = Field(default_factory=_stage_default, description="Prompt encoder.")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 # small clips keep the suite fast on 2 cores: 1 s, 480x480 -> 25 frames
 SMALL = {"duration": 1, "resolution": "480p", "aspect_ratio": "1:1", "num_inference_steps": 3}
 # a job with many cheap steps, to observe and cancel mid-loop
-LONG = {"duration": 1, "resolution": "480p", "aspect_ratio": "1:1", "num_inference_steps": 100}
+LONG = {"duration": 1, "resolution": "480p", "aspect_ratio": "16:9", "num_inference_steps": 100}
 
 
 def free_port() -> int:

@@ -101,7 +101,7 @@ class DecoderStage:
     def __call__(self, latents: Latents) -> DecodedMedia:
         frames = self.decode_video(latents)
         audio = self.decode_audio(latents)
-        frames_uint8 = (frames.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        frames_uint8 = (frames.float() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         return DecodedMedia(
             frames=frames_uint8,
             audio=audio.float().cpu().numpy().astype(np.float32),

@@ -25,10 +25,6 @@ from imagine.storage import open_artifact_store
 
 logger = logging.getLogger(__name__)
 
-ENCODER_COMPONENTS = ["tokenizer", "text_encoder", "connectors"]
-DENOISER_COMPONENTS = ["transformer", "scheduler", "vae", "audio_vae"]
-DECODER_COMPONENTS = ["vae", "audio_vae", "vocoder"]
-
 # share of job progress the denoising loop covers; decode + mux + store take the rest
 DENOISE_PROGRESS_SHARE = 0.95
 
@@ -81,7 +77,7 @@ class _StageHost:
 
 
 class TextEncoderServer(_StageHost):
-    components = ENCODER_COMPONENTS
+    components = TextEncoderStage.components
 
     def __init__(self, config: AppConfig):
         super().__init__(config)
@@ -93,7 +89,7 @@ class TextEncoderServer(_StageHost):
 
 
 class DenoiserServer(_StageHost):
-    components = DENOISER_COMPONENTS
+    components = DenoiserStage.components
 
     def __init__(self, config: AppConfig):
         super().__init__(config)
@@ -130,7 +126,7 @@ class DenoiserServer(_StageHost):
 class DecoderServer(_StageHost):
     """Decode + mux + store in one replica, so full-size frames never cross process boundaries."""
 
-    components = DECODER_COMPONENTS
+    components = DecoderStage.components
 
     def __init__(self, config: AppConfig):
         super().__init__(config)
@@ -142,7 +138,7 @@ class DecoderServer(_StageHost):
             media = self.stage(latents)
         with tempfile.TemporaryDirectory(prefix="imagine-mux-") as tmp:
             path = Path(tmp) / "video.mp4"
-            info = mux_mp4(media, path, crf=self.config.mp4_crf)
+            info = mux_mp4(media, path, crf=self.config.mp4_crf, preset=self.config.mp4_preset)
             size = self.artifacts.put_file(artifact_key, path)
         return {
             "artifact_key": artifact_key,

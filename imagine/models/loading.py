@@ -1,0 +1,159 @@
+"""Turn a `ModelPreset` into a local diffusers-layout directory, and load pipeline components from one.
+
+Every source ends up as a local directory with a `model_index.json` (builtin tiny: built once; S3: downloaded
+once), and components are loaded from it with each class's own `from_pretrained(dir, subfolder=name)` -- the same
+path for the tiny model and for real weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagine.models.presets import ModelPreset
+from imagine.models.tiny import ensure_tiny_ltx2
+
+MODEL_INDEX = "model_index.json"
+
+
+class ModelSourceError(ValueError):
+    """A preset's weights cannot be found or fetched."""
+
+
+def resolve_model_dir(preset: ModelPreset, home: Path, endpoint_url: str | None = None) -> Path:
+    """Local directory (diffusers pipeline layout) holding `preset`'s weights, building/downloading it if needed.
+
+    - ``builtin:tiny``: built once under ``home/models/tiny-<config-hash>``;
+    - a local directory: must exist and contain ``model_index.json``;
+    - ``s3://bucket/prefix``: downloaded once to ``home/models/s3/<bucket>/<prefix>`` (``endpoint_url`` selects an
+      S3-compatible server; credentials come from boto3's usual chain).
+    """
+    home = Path(home).expanduser()
+    if preset.is_builtin:
+        return ensure_tiny_ltx2(home)
+    if preset.is_s3:
+        return download_s3_model(preset.source, home, endpoint_url=endpoint_url)
+    model_dir = Path(preset.source).expanduser()
+    _check_model_dir(model_dir, preset)
+    return model_dir
+
+
+def _check_model_dir(model_dir: Path, preset: ModelPreset) -> None:
+    if not model_dir.is_dir():
+        raise ModelSourceError(
+            f"model preset {preset.name!r}: source directory {str(model_dir)!r} does not exist; point the preset's "
+            f"`source` at a diffusers pipeline directory, an s3:// URI, or use 'builtin:tiny'"
+        )
+    if not (model_dir / MODEL_INDEX).is_file():
+        raise ModelSourceError(
+            f"model preset {preset.name!r}: source directory {str(model_dir)!r} has no {MODEL_INDEX}; it must be a "
+            f"diffusers pipeline directory (as written by `save_pretrained`)"
+        )
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` -> ``("bucket", "a/b")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"source: expected an s3:// URI, got {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"source: S3 URI {uri!r} has no bucket")
+    return bucket, prefix.strip("/")
+
+
+def download_s3_model(uri: str, home: Path, endpoint_url: str | None = None) -> Path:
+    """Download every object under ``s3://bucket/prefix`` to ``home/models/s3/<bucket>/<prefix>`` once.
+
+    Concurrent callers serialise on a lock file; the download goes to a temporary sibling directory that is renamed
+    into place only once complete, so a partial download is never mistaken for a model.
+    """
+    import boto3
+
+    bucket, prefix = parse_s3_uri(uri)
+    target = Path(home).expanduser() / "models" / "s3" / bucket / prefix
+    if (target / MODEL_INDEX).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name or bucket}.lock"
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if (target / MODEL_INDEX).is_file():
+                return target
+            client = boto3.client("s3", endpoint_url=endpoint_url)
+            key_prefix = f"{prefix}/" if prefix else ""
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            try:
+                count = 0
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+                    for obj in page.get("Contents", []):
+                        relative = obj["Key"][len(key_prefix) :]
+                        if not relative or relative.endswith("/"):
+                            continue
+                        destination = tmp_dir / relative
+                        destination.parent.mkdir(parents=True, exist_ok=True)
+                        client.download_file(bucket, obj["Key"], str(destination))
+                        count += 1
+                if not (tmp_dir / MODEL_INDEX).is_file():
+                    raise ModelSourceError(
+                        f"source {uri!r}: found {count} objects but no {MODEL_INDEX} directly under the prefix; "
+                        f"it must hold a diffusers pipeline directory"
+                    )
+                if target.exists():  # stale leftover without model_index.json
+                    shutil.rmtree(target)
+                os.replace(tmp_dir, target)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return target
+
+
+def _component_class(library: str, class_name: str) -> type:
+    if library in ("diffusers", "transformers"):
+        module = importlib.import_module(library)
+    else:  # pipeline-local modules are recorded by pipeline name, e.g. "ltx2" -> diffusers.pipelines.ltx2
+        module = importlib.import_module(f"diffusers.pipelines.{library}")
+    try:
+        return getattr(module, class_name)
+    except AttributeError as e:
+        raise ModelSourceError(f"{MODEL_INDEX}: class {class_name!r} not found in {module.__name__}") from e
+
+
+def load_components(
+    model_dir: Path, names: list[str], device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Load the named pipeline components from `model_dir` (classes as recorded in its model_index.json).
+
+    Modules are moved to `device`/`dtype` and put in eval mode; tokenizers and schedulers are returned as loaded.
+    """
+    model_dir = Path(model_dir)
+    index_path = model_dir / MODEL_INDEX
+    if not index_path.is_file():
+        raise ModelSourceError(f"model_dir: {str(model_dir)!r} has no {MODEL_INDEX}")
+    index = json.loads(index_path.read_text())
+    components: dict[str, Any] = {}
+    for name in names:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            raise ValueError(f"names: component {name!r} is not in {index_path} (has: {sorted(index)})")
+        library, class_name = entry
+        cls = _component_class(library, class_name)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            # dtype at load time (not `.to(dtype)` afterwards) so modules a class keeps in fp32 stay in fp32
+            dtype_kwarg = {"dtype": dtype} if library == "transformers" else {"torch_dtype": dtype}
+            component = cls.from_pretrained(str(model_dir), subfolder=name, **dtype_kwarg)
+            component = component.to(device).eval()
+        else:  # tokenizer, scheduler
+            component = cls.from_pretrained(str(model_dir), subfolder=name)
+        components[name] = component
+    return components
