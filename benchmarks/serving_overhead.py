@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 
@@ -37,12 +36,12 @@ def main() -> int:
     parser.add_argument("--aspect-ratio", default="16:9")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
-    parser.add_argument("--poll-s", type=float, default=0.02, help="client status poll interval")
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
+    from imagine.client import ImagineClient
     from imagine.config import AppConfig
     from imagine.models.tiny import ensure_tiny_ltx2
     from imagine.pipeline.generate import LocalGenerator
@@ -86,17 +85,16 @@ def main() -> int:
     )
     serve.run(build_app(config), name="imagine", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=60)
+    client = ImagineClient(url)
 
     def run_served() -> float:
         start = time.perf_counter()
-        rid = http.post("/v1/videos/generations", json=body).json()["request_id"]
-        while (job := http.get(f"/v1/videos/{rid}").json())["status"] not in ("done", "failed", "cancelled"):
-            time.sleep(args.poll_s)
+        rid = client.generate(**body)
+        job = client.wait(rid)  # the job's SSE stream: no client polling load on the shared cores
         if job["status"] != "done":
             raise RuntimeError(f"served job ended {job['status']}: {job.get('error')}")
-        content = http.get(f"/v1/videos/{rid}/content").content
-        assert content[4:8] == b"ftyp"
+        with tempfile.TemporaryDirectory() as tmp:
+            client.download(rid, Path(tmp) / "v.mp4")
         return time.perf_counter() - start
 
     try:
@@ -107,7 +105,7 @@ def main() -> int:
             served.append(run_served())
             print(f"run {i + 1}/{args.runs}: inprocess_s={inproc[-1]:.3f} served_s={served[-1]:.3f}", flush=True)
     finally:
-        http.close()
+        client.close()
         serve.shutdown()
         ray.shutdown()
     y, z = statistics.median(inproc), statistics.median(served)

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -80,15 +81,43 @@ class ImagineClient:
     def models(self) -> list[dict[str, Any]]:
         return self._check(self._http.get("/v1/models")).json()["data"]
 
+    def events(self, job_id: str, timeout: float = 3600.0) -> Iterator[dict[str, Any]]:
+        """The job's server-sent `status` events (each the job as `get` returns it) until it is terminal."""
+        with self._http.stream(
+            "GET", f"/v1/videos/{job_id}/events", params={"timeout": timeout}, timeout=httpx.Timeout(30.0, read=60.0)
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._check(resp)
+            data: list[str] = []
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+                elif not line and data:
+                    yield json.loads("\n".join(data))
+                    data = []
+
     def wait(
         self,
         job_id: str,
         timeout: float = 600.0,
         poll_s: float = 0.25,
         on_update: Callable[[dict[str, Any]], None] | None = None,
+        stream: bool = True,
     ) -> dict[str, Any]:
-        """Poll until the job is terminal (or raise TimeoutError); `on_update` sees every poll."""
+        """Block until the job is terminal (or raise TimeoutError); `on_update` sees every update.
+        `stream=True` listens to the job's event stream; `False` polls every `poll_s` seconds."""
         deadline = time.monotonic() + timeout
+        if stream:
+            for job in self.events(job_id, timeout=timeout):
+                if on_update is not None:
+                    on_update(job)
+                if job["status"] in TERMINAL:
+                    return job
+            job = self.get(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
         while True:
             job = self.get(job_id)
             if on_update is not None:

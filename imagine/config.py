@@ -130,6 +130,9 @@ class AppConfig(_Strict):
     poll_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the scheduler looks for queued jobs without a nudge."
     )
+    events_interval_s: float = Field(
+        0.05, gt=0, le=10, description="How often an SSE stream (`/v1/videos/{id}/events`) re-reads its job."
+    )
     progress_every_steps: int = Field(1, ge=1, description="Write job progress every N denoising steps.")
     mp4_crf: int = Field(18, ge=0, le=51, description="x264 CRF of the output MP4 (lower = better).")
     mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"] = (

@@ -215,3 +215,17 @@ def test_running_cancel_sets_flag_not_status(env):
     assert store.report_progress(rid, job.attempt, 0.5) is True  # the denoiser's hook sees the cancel
     assert store.mark_cancelled(rid, job.attempt)
     assert store.get(rid).status == JobStatus.CANCELLED
+
+
+def test_events_stream_until_terminal(env):
+    client, store, *_ = env
+    rid = client.post("/v1/videos/generations", json={"prompt": "p"}).json()["request_id"]
+    job = store.claim_next()
+    store.report_progress(rid, job.attempt, 0.5)
+    store.fail(rid, job.attempt, {"type": "server_error", "code": "x", "message": "boom"})
+    with client.stream("GET", f"/v1/videos/{rid}/events") as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        text = "".join(resp.iter_text())
+    assert "event: status" in text and '"status":"failed"' in text  # stream closes after a terminal status
+    assert client.get("/v1/videos/nope/events").status_code == 404
+    assert client.get(f"/v1/videos/{rid}/events", params={"timeout": -1}).json()["error"]["param"] == "timeout"

@@ -120,6 +120,18 @@ def test_three_concurrent_generations_are_valid_mp4s(served, tmp_path):
     assert len(set(contents)) == 3
 
 
+def test_sdk_follows_progress_over_sse(served):
+    from imagine.client import ImagineClient
+
+    job_id = served.submit(**{**SMALL, "num_inference_steps": 6})
+    seen: list[dict] = []
+    with ImagineClient(served.url) as client:
+        final = client.wait(job_id, timeout=120, on_update=seen.append)
+    assert final["status"] == "done"
+    progress = [j["progress"] for j in seen]
+    assert progress == sorted(progress) and len(set(progress)) >= 3  # several distinct steps were streamed
+
+
 def _steps_done(job: dict) -> int:
     from imagine.serving.stages import DENOISE_PROGRESS_SHARE
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Header, Request, Response
+import asyncio
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from imagine import __version__
 from imagine.api.errors import ApiError, install_error_handlers
@@ -69,6 +74,32 @@ def create_api(service: JobService) -> FastAPI:
     @app.post("/v1/videos/{job_id}/cancel", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
     def cancel_video(job_id: str, request: Request) -> JobResponse:
         return service.to_response(service.cancel(job_id), _base_url(request))
+
+    @app.get("/v1/videos/{job_id}/events", tags=["videos"], responses=_ERROR_RESPONSES)
+    async def video_events(
+        job_id: str,
+        request: Request,
+        timeout: float = Query(3600.0, gt=0, le=86_400, description="Close the stream after this many seconds."),
+    ) -> EventSourceResponse:
+        """Server-sent events: a `status` event (the job, as `GET /v1/videos/{id}`) whenever its status or
+        progress changes; the stream ends after a terminal status (or `timeout`; reconnect to go on)."""
+        first = await asyncio.to_thread(service.get, job_id)  # 404 before the stream starts
+        base = _base_url(request)
+        interval = service.config.events_interval_s
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            job, last, deadline = first, None, time.monotonic() + timeout
+            while True:
+                key = (job.status, round(job.progress, 4))
+                if key != last:
+                    last = key
+                    yield ServerSentEvent(service.to_response(job, base).model_dump_json(), event="status")
+                if job.status.terminal or time.monotonic() > deadline or await request.is_disconnected():
+                    return
+                await asyncio.sleep(interval)
+                job = await asyncio.to_thread(service.get, job_id)
+
+        return EventSourceResponse(events(), ping=15)
 
     @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses={**_ERROR_RESPONSES, 206: {"description": "Partial"}})
     def video_content(job_id: str, range_header: str | None = Header(None, alias="Range")) -> Response:

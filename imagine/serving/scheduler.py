@@ -78,6 +78,7 @@ class SchedulerServer:
                 await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
                 return
             result = await self.decoder.decode.remote(job.id, outcome.latents, output_video_key(job.id))
+            result["stage_seconds"]["denoise"] = outcome.device_seconds
             if not await asyncio.to_thread(store.complete, job.id, job.attempt, result):
                 logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
         except asyncio.CancelledError:

@@ -134,13 +134,16 @@ class DecoderServer(_StageHost):
         self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
 
     def decode(self, job_id: str, latents: Latents, artifact_key: str) -> dict[str, Any]:
+        started = time.perf_counter()
         with torch.inference_mode():
             media = self.stage(latents)
+        decoded = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="imagine-mux-") as tmp:
             path = Path(tmp) / "video.mp4"
             info = mux_mp4(media, path, crf=self.config.mp4_crf, preset=self.config.mp4_preset)
             size = self.artifacts.put_file(artifact_key, path)
         return {
+            "stage_seconds": {"decode": decoded - started, "mux_store": time.perf_counter() - decoded},
             "artifact_key": artifact_key,
             "bytes": size,
             "duration_s": info.duration_s,
