@@ -105,7 +105,8 @@ def _scheduler_default() -> DeploymentConfig:
 
 
 def _stage_default() -> DeploymentConfig:
-    return DeploymentConfig(num_cpus=0.25, max_ongoing_requests=2)
+    # a stage replica runs one request at a time on its torch thread; more would only queue inside it
+    return DeploymentConfig(num_cpus=0.25, max_ongoing_requests=1)
 
 
 class AppConfig(_Strict):
@@ -125,7 +126,7 @@ class AppConfig(_Strict):
         None,
         ge=1,
         le=10_000,
-        description="Jobs the scheduler keeps running at once; None = denoiser max_replicas x max_ongoing_requests.",
+        description="Jobs the scheduler lets denoise at once; None = denoiser max_replicas x max_ongoing_requests.",
     )
     poll_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the scheduler looks for queued jobs without a nudge."

@@ -94,13 +94,13 @@ def test_dispatcher_respects_capacity_and_drains(store):
     ids = [_new(store, i=i) for i in range(5)]
 
     async def scenario() -> list[int]:
-        concurrent, peak, release = 0, [], asyncio.Event()
+        concurrent, peak, go = 0, [], asyncio.Event()
 
-        async def run_job(job):
+        async def run_job(job, release_slot):
             nonlocal concurrent
             concurrent += 1
             peak.append(concurrent)
-            await release.wait()
+            await go.wait()
             concurrent -= 1
             store.complete(job.id, job.attempt, {})
 
@@ -112,7 +112,7 @@ def test_dispatcher_respects_capacity_and_drains(store):
             await asyncio.sleep(0.01)
         assert len(d.running_ids) == 2
         assert store.count_by_status()["queued"] == 3  # no over-claiming
-        release.set()
+        go.set()
         for _ in range(500):
             if store.count_by_status().get("done") == 5:
                 break
@@ -129,5 +129,38 @@ def test_dispatcher_respects_capacity_and_drains(store):
 def test_dispatcher_recover_requeues_running(store):
     jid = _new(store)
     store.claim_next()
-    d = Dispatcher(store, run_job=lambda job: asyncio.sleep(0), capacity=1)
+    d = Dispatcher(store, run_job=lambda job, release: asyncio.sleep(0), capacity=1)
     assert d.recover() == 1 and store.get(jid).status == JobStatus.QUEUED
+
+
+def test_released_slot_starts_the_next_job_while_the_first_finishes(store):
+    """A job gives its denoiser slot back when sampling ends; its decode overlaps the next job."""
+    first, second = _new(store, i=0), _new(store, i=1)
+
+    async def scenario() -> None:
+        released, second_started, finish_first = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def run_job(job, release):
+            if job.id == first:
+                release()  # "denoise done"; still "decoding" until finish_first
+                released.set()
+                await finish_first.wait()
+            else:
+                second_started.set()
+            store.complete(job.id, job.attempt, {})
+
+        d = Dispatcher(store, run_job, capacity=1, poll_interval_s=0.05)
+        loop_task = asyncio.create_task(d.run_forever())
+        await asyncio.wait_for(released.wait(), 5)
+        await asyncio.wait_for(second_started.wait(), 5)  # started although `first` is not finished
+        assert store.get(first).status == JobStatus.RUNNING
+        finish_first.set()
+        for _ in range(200):
+            if store.count_by_status().get("done") == 2:
+                break
+            await asyncio.sleep(0.01)
+        await d.stop()
+        loop_task.cancel()
+
+    asyncio.run(scenario())
+    assert store.get(first).status == JobStatus.DONE and store.get(second).status == JobStatus.DONE

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def _config(home: Path) -> AppConfig:
-    small = {"num_cpus": 0.2, "max_ongoing_requests": 2}
+    small = {"num_cpus": 0.2, "max_ongoing_requests": 1}
     return AppConfig.model_validate(
         {
             "home": str(home),
@@ -38,7 +38,8 @@ def _config(home: Path) -> AppConfig:
             "model": {"preset": "tiny", "torch_threads": 1},
             "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
             "text_encoder": small,
-            "denoiser": small,
+            # two denoiser replicas = two jobs really denoising at once (one each)
+            "denoiser": {**small, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
             "decoder": small,
         }
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -68,12 +68,13 @@ class SchedulerServer:
         if self._loop_task.done():
             raise RuntimeError(f"dispatch loop stopped: {self._loop_task.exception()!r}")
 
-    async def run_job(self, job: JobRecord) -> None:
+    async def run_job(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
         store = self.store
         try:
             spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
             embeddings = self.encoder.encode.remote(spec.prompt, spec.negative_prompt, spec.guidance_scale > 1.0)
             outcome = await self.denoiser.denoise.remote(job.id, job.attempt, spec, embeddings)
+            release_slot()  # the denoiser is free: the next job may start while this one decodes
             if outcome.cancelled:
                 await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
                 return
