@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from imagine.api.errors import ApiError
 from imagine.api.routes import create_api
 from imagine.api.service import JobService, parse_range
-from imagine.api.errors import ApiError
 from imagine.config import AppConfig
 from imagine.jobs import JobStatus, JobStore
 from imagine.models.presets import get_preset

@@ -14,7 +14,13 @@ import torch
 
 from imagine.models import loading, tiny
 from imagine.models.loading import ModelSourceError, load_components, resolve_model_dir
-from imagine.models.presets import PRESETS, ModelPreset, UnknownModelError, get_preset, list_presets
+from imagine.models.presets import (
+    PRESETS,
+    ModelPreset,
+    UnknownModelError,
+    get_preset,
+    list_presets,
+)
 
 ALL_COMPONENTS = ["audio_vae", "connectors", "scheduler", "text_encoder", "tokenizer", "transformer", "vae", "vocoder"]
 MODULES = ["audio_vae", "connectors", "text_encoder", "transformer", "vae", "vocoder"]

@@ -133,6 +133,25 @@ def test_sdk_follows_progress_over_sse(served):
     assert progress == sorted(progress) and len(set(progress)) >= 3  # several distinct steps were streamed
 
 
+def test_image_to_video_through_serve(served):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 200), (250, 120, 10)).save(buf, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with_image = served.submit(seed=3, image_url=image_url, **SMALL)
+    without = served.submit(seed=3, **SMALL)
+    jobs = [served.wait_terminal(j) for j in (with_image, without)]
+    assert [j["status"] for j in jobs] == ["done", "done"], jobs
+    assert jobs[0]["request"]["has_image"] is True
+    # the first frame conditions the clip: same seed and prompt, different video
+    contents = [served.http.get(f"/v1/videos/{j}/content").content for j in (with_image, without)]
+    assert contents[0] != contents[1]
+
+
 def _steps_done(job: dict) -> int:
     from imagine.serving.stages import DENOISE_PROGRESS_SHARE
 

@@ -12,7 +12,12 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from imagine import __version__
 from imagine.api.errors import ApiError, install_error_handlers
-from imagine.api.schemas import CreatedResponse, GenerationRequest, JobResponse, ModelInfo
+from imagine.api.schemas import (
+    CreatedResponse,
+    GenerationRequest,
+    JobResponse,
+    ModelInfo,
+)
 from imagine.api.service import JobService
 
 _ERROR_RESPONSES = {

@@ -14,9 +14,22 @@ from typing import Callable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from imagine.api.errors import ApiError
-from imagine.api.schemas import ErrorInfo, GenerationRequest, JobResponse, ModelInfo, VideoInfo
+from imagine.api.schemas import (
+    ErrorInfo,
+    GenerationRequest,
+    JobResponse,
+    ModelInfo,
+    VideoInfo,
+)
 from imagine.config import AppConfig
-from imagine.jobs import JobNotFound, JobRecord, JobStateConflict, JobStatus, JobStore, NewJob
+from imagine.jobs import (
+    JobNotFound,
+    JobRecord,
+    JobStateConflict,
+    JobStatus,
+    JobStore,
+    NewJob,
+)
 from imagine.models.presets import ModelPreset
 from imagine.pipeline.sizing import plan_video
 from imagine.storage import ArtifactNotFound, ArtifactStore

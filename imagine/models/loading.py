@@ -7,21 +7,16 @@ path for the tiny model and for real weights.
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from imagine.models.cache import MODEL_INDEX, build_dir_once
 from imagine.models.presets import ModelPreset
 from imagine.models.tiny import ensure_tiny_ltx2
-
-MODEL_INDEX = "model_index.json"
 
 
 class ModelSourceError(ValueError):
@@ -81,41 +76,27 @@ def download_s3_model(uri: str, home: Path, endpoint_url: str | None = None) -> 
     target = Path(home).expanduser() / "models" / "s3" / bucket / prefix
     if (target / MODEL_INDEX).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name or bucket}.lock"
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            if (target / MODEL_INDEX).is_file():
-                return target
-            client = boto3.client("s3", endpoint_url=endpoint_url)
-            key_prefix = f"{prefix}/" if prefix else ""
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            try:
-                count = 0
-                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-                    for obj in page.get("Contents", []):
-                        relative = obj["Key"][len(key_prefix) :]
-                        if not relative or relative.endswith("/"):
-                            continue
-                        destination = tmp_dir / relative
-                        destination.parent.mkdir(parents=True, exist_ok=True)
-                        client.download_file(bucket, obj["Key"], str(destination))
-                        count += 1
-                if not (tmp_dir / MODEL_INDEX).is_file():
-                    raise ModelSourceError(
-                        f"source {uri!r}: found {count} objects but no {MODEL_INDEX} directly under the prefix; "
-                        f"it must hold a diffusers pipeline directory"
-                    )
-                if target.exists():  # stale leftover without model_index.json
-                    shutil.rmtree(target)
-                os.replace(tmp_dir, target)
-            except BaseException:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-                raise
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-    return target
+    key_prefix = f"{prefix}/" if prefix else ""
+
+    def download(tmp_dir: Path) -> None:
+        client = boto3.client("s3", endpoint_url=endpoint_url)
+        count = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(key_prefix) :]
+                if not relative or relative.endswith("/"):
+                    continue
+                destination = tmp_dir / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(destination))
+                count += 1
+        if not (tmp_dir / MODEL_INDEX).is_file():
+            raise ModelSourceError(
+                f"source {uri!r}: found {count} objects but no {MODEL_INDEX} directly under the prefix; "
+                f"it must hold a diffusers pipeline directory"
+            )
+
+    return build_dir_once(target, download, lock_name=target.name or bucket)
 
 
 def _component_class(library: str, class_name: str) -> type:

@@ -8,17 +8,15 @@ It is loaded by exactly the same `from_pretrained` path as real weights.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from imagine.models.cache import build_dir_once
 
 TINY_SEED = 0
 # Bump when the build recipe changes in a way the config dicts below do not capture.
@@ -172,7 +170,11 @@ def build_tiny_components() -> dict[str, Any]:
     )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        GemmaTokenizer,
+    )
 
     vocab = _tiny_vocab()
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[])
@@ -234,28 +236,5 @@ def ensure_tiny_ltx2(home: Path) -> Path:
 
 def build_tiny_ltx2(target_dir: Path) -> Path:
     """Build the tiny model into `target_dir` unless it is already there; return `target_dir`.
-
-    Safe with concurrent builders (several replicas starting at once, in any processes): a `fcntl` lock file
-    serialises builders, and the model is written to a temporary sibling directory and renamed into place, so a
-    reader never sees a half-written directory and a crashed build leaves nothing behind but a temp dir.
-    """
-    final_dir = Path(target_dir)
-    if (final_dir / "model_index.json").is_file():
-        return final_dir
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = final_dir.parent / f".{final_dir.name}.lock"
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            if (final_dir / "model_index.json").is_file():  # another builder won while we waited
-                return final_dir
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-            try:
-                save_tiny_ltx2(tmp_dir)
-                os.replace(tmp_dir, final_dir)
-            except BaseException:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-                raise
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-    return final_dir
+    Safe with concurrent builders in any processes (see `imagine.models.cache.build_dir_once`)."""
+    return build_dir_once(Path(target_dir), save_tiny_ltx2)

@@ -18,7 +18,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from imagine.pipeline.types import DenoiseState, GenerationSpec, Latents, PromptEmbeddings
+from imagine.pipeline.types import (
+    DenoiseState,
+    GenerationSpec,
+    Latents,
+    PromptEmbeddings,
+)
 
 DENOISER_COMPONENTS = ["transformer", "scheduler", "vae", "audio_vae"]
 

@@ -13,7 +13,12 @@ from imagine.api.service import JobService
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
 from imagine.serving.scheduler import SchedulerServer
-from imagine.serving.stages import DecoderServer, DenoiserServer, TextEncoderServer, served_preset
+from imagine.serving.stages import (
+    DecoderServer,
+    DenoiserServer,
+    TextEncoderServer,
+    served_preset,
+)
 from imagine.storage import open_artifact_store
 
 

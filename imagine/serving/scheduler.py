@@ -10,12 +10,12 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from imagine.api.service import output_video_key
 from imagine.config import AppConfig
 from imagine.jobs import JobRecord, JobStore
 from imagine.pipeline.types import GenerationSpec, prepare_image
 from imagine.scheduling.dispatcher import Dispatcher
 from imagine.storage import ArtifactStore, open_artifact_store
-from imagine.api.service import output_video_key
 
 logger = logging.getLogger(__name__)
 
