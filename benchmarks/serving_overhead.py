@@ -81,7 +81,7 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig.model_validate(
-        {"home": str(home), "poll_interval_s": 0.5, "model": {"torch_threads": args.threads}}
+        {"home": str(home), "poll_interval_s": 0.5, "auth": {"enabled": False}, "model": {"torch_threads": args.threads}}
     )
     serve.run(build_app(config), name="imagine", route_prefix="/")
     url = f"http://127.0.0.1:{port}"

@@ -1,9 +1,11 @@
-"""The `imagine` command: `up` runs a local Ray + the app in the foreground; `generate`, `status`,
-`cancel` and `models` talk to a running service over HTTP."""
+"""The `imagine` command: `up` runs a local Ray + the app in the foreground; `keys` manages API keys in
+the service's database; `generate`, `status`, `cancel` and `models` talk to a running service over HTTP."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import ipaddress
 import json
 import os
 import signal
@@ -40,13 +42,32 @@ def _load_config(path: str | None, overrides: dict[str, Any]):  # noqa: ANN202 -
     return AppConfig.model_validate(data)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, {"model.preset": args.preset, "home": args.home})
+    if "enabled" not in config.auth.model_fields_set:
+        config.auth.enabled = False  # a local development server, unless the config asks for keys
+    if not config.auth.enabled and not _is_loopback(args.host):
+        print(
+            f"imagine: refusing to bind {args.host} with auth off; bind 127.0.0.1, or pass a --config with "
+            "`auth: {enabled: true}` and create keys with `imagine keys create`",
+            file=sys.stderr,
+        )
+        return 2
+
     import ray
     from ray import serve
 
     from imagine.serving.app import build_app
 
-    config = _load_config(args.config, {"model.preset": args.preset, "home": args.home})
     if config.model.torch_threads is None:
         # Ray pins fractional-CPU replicas to 1 thread; on a laptop the stages may use every core
         config.model.torch_threads = args.num_cpus or os.cpu_count() or 1
@@ -65,7 +86,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         print(f"  curl -s {url}/v1/videos/<request_id>        # then .../content -o out.mp4")
         print(f"  imagine generate 'a lighthouse at dusk' --duration 2 -o out.mp4 --url {url}")
-        print("auth: off (local development server); Ctrl-C stops.", flush=True)
+        if config.auth.enabled:
+            print(
+                "auth: on (send 'Authorization: Bearer <key>'; create one with "
+                f"`imagine keys create --tenant NAME --tier standard --database-url {config.resolved_database_url}`); "
+                "Ctrl-C stops.",
+                flush=True,
+            )
+        else:
+            print("auth: off (local development server); Ctrl-C stops.", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
@@ -104,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         mime = mimetypes.guess_type(args.image)[0] or "image/png"
         params["image_url"] = f"data:{mime};base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
-    with ImagineClient(args.url) as client:
+    with ImagineClient(args.url, api_key=args.api_key) as client:
         if args.wait_ready:
             client.wait_ready(args.wait_ready)
         job_id = client.generate(args.prompt, **params)
@@ -126,22 +155,145 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with ImagineClient(args.url) as client:
+    with ImagineClient(args.url, api_key=args.api_key) as client:
         _print_job(client.get(args.id))
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with ImagineClient(args.url) as client:
+    with ImagineClient(args.url, api_key=args.api_key) as client:
         _print_job(client.cancel(args.id))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    with ImagineClient(args.url) as client:
+    with ImagineClient(args.url, api_key=args.api_key) as client:
         for m in client.models():
             print(f"{m['id']}{' (default)' if m['default'] else ''}: {m['description']}")
     return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with ImagineClient(args.url, api_key=args.api_key) as client:
+        body = client.usage(args.start, args.end, args.group_by)
+    columns = ("jobs", "output_seconds", "device_seconds", "cost_usd", "price_usd")
+    rows = [[str(r["group"]), str(r["jobs"])] + [f"{r[c]:.4f}" for c in columns[1:]] for r in body["data"]]
+    rows.append(["total", ""] + [f"{body['total'][c]:.4f}" for c in columns[1:]])
+    header = [args.group_by, *columns]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    import datetime as dt
+
+    def utc(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+    print(f"tenant {body['tenant']}, {utc(body['start'])} .. {utc(body['end'])}")
+    for line in (header, *rows):
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    return 0
+
+
+def _key_store(args: argparse.Namespace):  # -> KeyStore, imported lazily
+    from imagine.jobs.keys import KeyStore
+    from imagine.jobs.store import make_engine
+
+    url = args.database_url or _load_config(args.config, {}).resolved_database_url
+    return KeyStore(make_engine(url))
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts is not None else "-"
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from imagine.config import KeyLimits
+
+    limits = KeyLimits(
+        max_concurrent_jobs=args.max_concurrent,
+        max_queued_jobs=args.max_queued,
+        max_video_seconds_per_day=args.max_video_seconds_per_day,
+    )
+    store = _key_store(args)
+    try:
+        key, record = store.create(args.tenant, args.tier, limits)
+    finally:
+        store.engine.dispose()
+    print(key)  # the only time the key is shown: stdout alone, so `KEY=$(imagine keys create ...)` works
+    print(
+        f"created API key {record.prefix} (id {record.id}) for tenant {record.tenant!r}, tier {record.tier}, "
+        f"limits {record.limits.model_dump(exclude_none=True) or 'server defaults'}; store it now: it cannot be shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    store = _key_store(args)
+    try:
+        records = store.list()
+    finally:
+        store.engine.dispose()
+    rows = [("PREFIX", "ID", "TENANT", "TIER", "CREATED", "REVOKED", "LIMITS")]
+    rows += [
+        (r.prefix, r.id, r.tenant, r.tier, _when(r.created_at), _when(r.revoked_at),
+         json.dumps(r.limits.model_dump(exclude_none=True)))
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from imagine.jobs.keys import ApiKeyNotFound
+
+    store = _key_store(args)
+    try:
+        record = store.revoke(args.key)
+    except ApiKeyNotFound:
+        print(f"imagine: no API key with prefix or id {args.key!r}", file=sys.stderr)
+        return 2
+    finally:
+        store.engine.dispose()
+    print(f"revoked {record.prefix} (id {record.id}, tenant {record.tenant!r}) at {_when(record.revoked_at)}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    from imagine.config import TIERS
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (in the service's database)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it (once; only its hash is stored)")
+    create.add_argument("--tenant", required=True, help="tenant the key acts for (its jobs are only visible to it)")
+    create.add_argument("--tier", required=True, choices=TIERS, help="highest priority the key may use")
+    create.add_argument("--max-concurrent", type=_positive_int, help="jobs of this key running at once")
+    create.add_argument("--max-queued", type=_positive_int, help="jobs of this key waiting in the queue")
+    create.add_argument("--max-video-seconds-per-day", type=_positive_float, help="requested output seconds per UTC day")
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="list keys (prefix, tenant, tier, created, revoked; never the key)")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its prefix (im_...) or id")
+    revoke.add_argument("key", metavar="PREFIX_OR_ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    for p in (create, listing, revoke):
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", help="the service's YAML config (AppConfig fields, or a Serve config file)")
+        where.add_argument("--database-url", help="SQLAlchemy URL of the job store (default: SQLite under $IMAGINE_HOME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         if p is not up:
             p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
+            p.add_argument(
+                "--api-key", default=os.environ.get("IMAGINE_API_KEY"), help="API key (default: $IMAGINE_API_KEY)"
+            )
+    usage = sub.add_parser("usage", help="your tenant's usage: jobs, output seconds, device-seconds, cost, price")
+    usage.add_argument("--start", help="unix seconds or ISO date (default: 30 days before --end)")
+    usage.add_argument("--end", help="unix seconds or ISO date, a date includes that day (default: now)")
+    usage.add_argument("--group-by", choices=("day", "model", "tier"), default="day")
+    usage.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
+    usage.add_argument("--api-key", help="API key (Authorization: Bearer)")
+    usage.set_defaults(func=cmd_usage)
+    _add_keys_parser(sub)
     return parser
 
 

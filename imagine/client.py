@@ -81,6 +81,14 @@ class ImagineClient:
     def models(self) -> list[dict[str, Any]]:
         return self._check(self._http.get("/v1/models")).json()["data"]
 
+    def usage(
+        self, start: str | float | None = None, end: str | float | None = None, group_by: str = "day"
+    ) -> dict[str, Any]:
+        """The caller's tenant's usage (`GET /v1/usage`): `start`/`end` as unix seconds or ISO dates
+        (default: the last 30 days), grouped by `day`, `model` or `tier`."""
+        params = {k: v for k, v in {"start": start, "end": end, "group_by": group_by}.items() if v is not None}
+        return self._check(self._http.get("/v1/usage", params=params)).json()
+
     def events(self, job_id: str, timeout: float = 3600.0) -> Iterator[dict[str, Any]]:
         """The job's server-sent `status` events (each the job as `get` returns it) until it is terminal."""
         with self._http.stream(

@@ -96,6 +96,59 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest accepted JSON body.")
 
 
+TIERS = ("realtime", "standard", "batch")  # strict priority order, highest first
+Tier = Literal["realtime", "standard", "batch"]
+
+
+class KeyLimits(_Strict):
+    """Admission limits of one API key (None = unlimited). Past a limit: 429 + Retry-After."""
+
+    max_concurrent_jobs: int | None = Field(None, ge=1, description="Jobs of this key in flight (queued or running).")
+    max_queued_jobs: int | None = Field(None, ge=1, description="Jobs of this key waiting in the queue.")
+    max_video_seconds_per_day: float | None = Field(
+        None, gt=0, description="Output seconds this key may request per UTC day (failed/expired jobs excluded)."
+    )
+
+
+class AuthConfig(_Strict):
+    """API keys and tenants. Off only for a localhost development server (`imagine up`)."""
+
+    enabled: bool = Field(True, description="Require `Authorization: Bearer <key>` on every /v1 route.")
+    default_limits: KeyLimits = Field(default_factory=KeyLimits, description="Limits of keys created without their own.")
+    idempotency_ttl_s: float = Field(86_400, gt=0, description="How long an Idempotency-Key is remembered.")
+
+
+class SchedulingConfig(_Strict):
+    """Who runs next: strict tiers with aging, weighted fair share between tenants inside a tier."""
+
+    aging_s: float = Field(
+        300.0, gt=0, description="A queued job is promoted one tier for every `aging_s` seconds it has waited."
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="Fair-share weight per tenant inside a tier (default 1.0)."
+    )
+    max_queued_per_tier: dict[Tier, int] = Field(
+        default_factory=lambda: {"realtime": 1000, "standard": 10_000, "batch": 100_000},
+        description="Bound on each tier's queue; past it new jobs get 429.",
+    )
+    preemption: bool = Field(True, description="Pause lower-tier denoising at a step boundary for waiting higher tiers.")
+    paused: bool = Field(False, description="Accept and queue jobs but start none (maintenance, load tests).")
+    max_preemptions_per_job: int = Field(2, ge=0, le=100, description="A job is never paused more often than this.")
+
+
+class AccountingConfig(_Strict):
+    """Cost (what a job cost us: device-seconds x $/device-hour) and price (what we charge: output seconds x list)."""
+
+    device_hour_usd: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.10, "cuda": 2.50},
+        description="$ per device-hour by device type (the device string's kind: cpu, cuda, ...).",
+    )
+    price_per_second_usd: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {"tiny": {"480p": 0.0, "720p": 0.0}, "ltx-2": {"480p": 0.05, "720p": 0.10}},
+        description="Price per output second (audio included) by model and resolution.",
+    )
+
+
 def _ingress_default() -> DeploymentConfig:
     return DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
 
@@ -121,6 +174,9 @@ class AppConfig(_Strict):
         None, description="Base URL clients reach the API at, used for `video.url` (None = from the request)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The generation model.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, idempotency.")
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig, description="Priority and fairness.")
+    accounting: AccountingConfig = Field(default_factory=AccountingConfig, description="Cost and price.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="API input limits.")
     max_inflight_jobs: int | None = Field(
         None,
@@ -149,6 +205,13 @@ class AppConfig(_Strict):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _check_denoiser_min(self) -> "AppConfig":
+        # the denoiser scales on metrics its replicas export: with zero replicas nobody would report demand
+        if self.denoiser.autoscaling.min_replicas < 1:
+            raise ValueError("denoiser.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -21,7 +21,7 @@ from imagine.storage import LocalArtifactStore
 
 @pytest.fixture()
 def env(tmp_path):
-    config = AppConfig(home=tmp_path)
+    config = AppConfig(home=tmp_path, auth={"enabled": False})  # auth: tests/test_auth.py
     store = JobStore(config.resolved_database_url)
     artifacts = LocalArtifactStore(config.resolved_artifacts_dir)
     nudges: list[int] = []
@@ -49,7 +49,7 @@ def test_create_resolves_and_stores_the_request(env):
     job_id = resp.json()["request_id"]
     assert nudges == [1]
     job = client.get(f"/v1/videos/{job_id}").json()
-    assert job["status"] == "queued" and job["progress"] == 0
+    assert job["status"] == "queued" and job["progress"] == 0 and job["priority"] == "standard"
     req = job["request"]
     assert (req["width"], req["height"], req["num_frames"], req["fps"]) == (864, 480, 49, 24.0)
     assert req["seed"] == 7 and req["has_image"] is False
@@ -141,7 +141,11 @@ def test_oversized_body_is_413(env):
 
 def test_unknown_ids_are_404_json(env):
     client, *_ = env
-    for method, path in [("GET", "/v1/videos/nope"), ("POST", "/v1/videos/nope/cancel"), ("GET", "/v1/videos/nope/content")]:
+    routes = [
+        ("GET", "/v1/videos/nope"), ("POST", "/v1/videos/nope/cancel"), ("DELETE", "/v1/videos/nope"),
+        ("GET", "/v1/videos/nope/content"),
+    ]
+    for method, path in routes:
         resp = client.request(method, path)
         assert resp.status_code == 404 and resp.json()["error"]["param"] == "id", path
     assert client.get("/v1/nothing-here").status_code == 404
@@ -212,7 +216,7 @@ def test_running_cancel_sets_flag_not_status(env):
     job = store.claim_next()
     resp = client.post(f"/v1/videos/{rid}/cancel")
     assert resp.status_code == 200 and resp.json()["status"] == "running"
-    assert store.report_progress(rid, job.attempt, 0.5) is True  # the denoiser's hook sees the cancel
+    assert store.report_progress(rid, job.attempt, 0.5) == "cancel"  # the denoiser's hook sees the cancel
     assert store.mark_cancelled(rid, job.attempt)
     assert store.get(rid).status == JobStatus.CANCELLED
 

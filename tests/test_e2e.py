@@ -54,10 +54,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise AssertionError(f"{url} not healthy after {timeout}s")
 
 
-def _wait_status(url: str, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict:
+def _wait_status(
+    url: str, job_id: str, statuses: tuple[str, ...], timeout: float = 240, headers: dict | None = None
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/videos/{job_id}", timeout=5).json()
+        job = httpx.get(f"{url}/v1/videos/{job_id}", timeout=5, headers=headers).json()
         if job["status"] in statuses:
             return job
         time.sleep(0.1)
@@ -163,13 +165,18 @@ def test_ray_start_and_serve_deploy_config(tmp_path):
         assert deploy.returncode == 0, deploy.stderr
         url = f"http://127.0.0.1:{http_port}"
         _wait_healthy(url, timeout=300)
-        rid = httpx.post(
-            f"{url}/v1/videos/generations",
-            json={"prompt": "a bell ringing", "duration": 1, "aspect_ratio": "1:1", "num_inference_steps": 2},
-        ).json()["request_id"]
-        job = _wait_status(url, rid, ("done", "failed", "cancelled"))
+        body = {"prompt": "a bell ringing", "duration": 1, "aspect_ratio": "1:1", "num_inference_steps": 2}
+        # serve_config.yaml runs with auth on: no key, no job
+        assert httpx.post(f"{url}/v1/videos/generations", json=body).status_code == 401
+        key = subprocess.run(
+            [str(BIN / "imagine"), "keys", "create", "--tenant", "e2e", "--tier", "realtime", "--config", str(deploy_file)],
+            env=env, capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        rid = httpx.post(f"{url}/v1/videos/generations", json=body, headers=headers).json()["request_id"]
+        job = _wait_status(url, rid, ("done", "failed", "cancelled"), headers=headers)
         assert job["status"] == "done", job
-        resp = httpx.get(job["video"]["url"], timeout=30)
+        resp = httpx.get(job["video"]["url"], timeout=30, headers=headers)
         assert resp.status_code == 200 and resp.content[4:8] == b"ftyp"
     finally:
         head.send_signal(signal.SIGTERM)

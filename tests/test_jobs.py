@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from imagine.jobs import JobStateConflict, JobStatus, JobStore, NewJob
+from imagine.jobs import JobStateConflict, JobStatus, JobStore, NewJob, StepSignal
 from imagine.scheduling.dispatcher import Dispatcher
 
 
@@ -73,9 +73,9 @@ def test_cancel_paths(store):
     assert store.request_cancel(queued).status == JobStatus.CANCELLED
     running = _new(store)
     job = store.claim_next()
-    assert store.report_progress(running, job.attempt, 0.3) is False
+    assert store.report_progress(running, job.attempt, 0.3) == StepSignal.CONTINUE
     assert store.request_cancel(running).cancel_requested is True
-    assert store.report_progress(running, job.attempt, 0.4) is True
+    assert store.report_progress(running, job.attempt, 0.4) == StepSignal.CANCEL
     # a restart while the cancel is pending ends the job cancelled instead of re-running it
     assert store.requeue_running() == 0 and store.get(running).status == JobStatus.CANCELLED
     with pytest.raises(JobStateConflict):
@@ -164,3 +164,83 @@ def test_released_slot_starts_the_next_job_while_the_first_finishes(store):
 
     asyncio.run(scenario())
     assert store.get(first).status == JobStatus.DONE and store.get(second).status == JobStatus.DONE
+
+
+def test_higher_tier_preempts_lowest_running_job_bounded(store):
+    """Both slots run batch work; a realtime job arrives: the most recently started batch job is asked
+    to pause, re-queues with its checkpoint, the realtime job runs, the paused one resumes. A job
+    already paused `max_preemptions` times is never asked again."""
+    b1 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="batch")).id
+    b2 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="batch")).id
+    claims: list[tuple[str, str | None]] = []
+
+    async def scenario() -> None:
+        finish_batch = asyncio.Event()
+
+        async def run_job(job, release):
+            claims.append((job.id, job.checkpoint_key))
+            if job.priority == "realtime":
+                store.complete(job.id, job.attempt, {})
+                return
+            while True:  # a "denoiser": one step per tick, obeying the step signal
+                signal = store.report_progress(job.id, job.attempt, 0.5)
+                if signal == StepSignal.PREEMPT:
+                    release()
+                    store.requeue_preempted(job.id, job.attempt, f"ck-{job.id}")
+                    return
+                if finish_batch.is_set():
+                    store.complete(job.id, job.attempt, {})
+                    return
+                await asyncio.sleep(0.01)
+
+        d = Dispatcher(store, run_job, capacity=2, poll_interval_s=0.02, preemption=True, max_preemptions=1)
+        loop_task = asyncio.create_task(d.run_forever())
+
+        async def until(pred, what):
+            for _ in range(500):
+                if pred():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"timed out: {what}")
+
+        await until(lambda: d.busy_slots == 2, "both batch jobs running")
+        r1 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="realtime")).id
+        d.nudge()
+        await until(lambda: store.get(r1).status == JobStatus.DONE, "realtime job done")
+        paused = [j for j in (b1, b2) if store.get(j).preemptions == 1]
+        assert paused == [b2]  # the most recently started of the lowest tier
+        await until(lambda: (b2, f"ck-{b2}") in claims, "paused job resumed from its checkpoint")
+        # b2 has used its one preemption: the next realtime job pauses b1 instead
+        r2 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="realtime")).id
+        d.nudge()
+        await until(lambda: store.get(r2).status == JobStatus.DONE, "second realtime job done")
+        assert store.get(b1).preemptions == 1 and store.get(b2).preemptions == 1
+        finish_batch.set()
+        await until(lambda: all(store.get(j).status == JobStatus.DONE for j in (b1, b2)), "batch jobs done")
+        await d.stop()
+        loop_task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_no_preemption_when_disabled_or_not_outranked(store):
+    ids = [store.create(NewJob(kind="generation", model="tiny", params={}, priority="standard")).id for _ in range(2)]
+
+    async def scenario() -> None:
+        go = asyncio.Event()
+
+        async def run_job(job, release):
+            await go.wait()
+            store.complete(job.id, job.attempt, {})
+
+        d = Dispatcher(store, run_job, capacity=1, poll_interval_s=0.02, preemption=True)
+        loop_task = asyncio.create_task(d.run_forever())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        # a same-tier job waits: nobody is asked to pause
+        assert store.get(ids[0]).preempt_requested is False and store.get(ids[1]).status == JobStatus.QUEUED
+        go.set()
+        await d.stop()
+        loop_task.cancel()
+
+    asyncio.run(scenario())

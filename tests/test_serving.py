@@ -34,6 +34,8 @@ def _config(home: Path) -> AppConfig:
         {
             "home": str(home),
             "poll_interval_s": 0.2,
+            "auth": {"enabled": False},  # keys and tenants have their own tests (test_auth.py)
+            "accounting": {"price_per_second_usd": {"tiny": {"480p": 0.05, "720p": 0.1}}},
             "max_inflight_jobs": 2,
             "model": {"preset": "tiny", "torch_threads": 1},
             "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
@@ -58,8 +60,12 @@ class Served:
 
         serve.run(build_app(self.config), name="imagine", route_prefix="/")
 
-    def submit(self, **body) -> str:
-        resp = self.http.post("/v1/videos/generations", json={"prompt": "a drum solo on a beach", **body})
+    def submit(self, priority: str = "standard", **body) -> str:
+        resp = self.http.post(
+            "/v1/videos/generations",
+            json={"prompt": "a drum solo on a beach", **body},
+            headers={"X-Priority": priority},
+        )
         assert resp.status_code == 202, resp.text
         return resp.json()["request_id"]
 
@@ -119,6 +125,25 @@ def test_three_concurrent_generations_are_valid_mp4s(served, tmp_path):
     # different seeds -> different videos
     contents = [served.http.get(f"/v1/videos/{i}/content").content for i in ids]
     assert len(set(contents)) == 3
+    # measured usage: all three stages metered once, priced per output second
+    for job_id in ids:
+        job = served.job(job_id)
+        usage = job["usage"]
+        assert usage["device_seconds"] > 0 and usage["cost_usd"] > 0
+        assert usage["output_seconds"] == pytest.approx(job["video"]["duration"])
+        assert usage["price_usd"] == pytest.approx(0.05 * job["video"]["duration"])
+    from imagine.jobs.ledger import usage_table
+
+    store = __import__("imagine.jobs", fromlist=["JobStore"]).JobStore(served.config.resolved_database_url)
+    with store.engine.connect() as conn:
+        stages = sorted(r.stage for r in conn.execute(usage_table.select().where(usage_table.c.job_id == ids[0])))
+    store.close()
+    assert stages == ["decoder", "denoiser", "text_encoder"]
+    report = served.http.get("/v1/usage", params={"group_by": "model"}).json()
+    tiny = [row for row in report["data"] if row["group"] == "tiny"][0]
+    assert tiny["jobs"] >= 3 and tiny["price_usd"] >= 3 * 0.05 * 25 / 24 - 1e-9
+    metrics = served.http.get("/metrics").text
+    assert "imagine_queue_depth" in metrics and "imagine_device_seconds_total" in metrics
 
 
 def test_sdk_follows_progress_over_sse(served):
@@ -152,6 +177,46 @@ def test_image_to_video_through_serve(served):
     assert contents[0] != contents[1]
 
 
+def test_realtime_preempts_batch_and_the_batch_job_resumes_identically(served):
+    params = {**SMALL, "num_inference_steps": 40, "seed": 11}
+    reference = served.submit(**params)
+    assert served.wait_terminal(reference)["status"] == "done"
+    filler = served.submit(priority="batch", **LONG)
+    served.wait_for(filler, lambda j: j["status"] == "running" and j["progress"] > 0)
+    victim = served.submit(priority="batch", **params)  # started last: the one to pause
+    served.wait_for(victim, lambda j: j["status"] == "running" and j["progress"] > 0)
+
+    urgent = served.submit(priority="realtime", **SMALL)
+    done = served.wait_terminal(urgent)
+    assert done["status"] == "done"
+    step_s = _step_seconds(served, reference)
+    # the realtime job waited for a step boundary of the paused job (plus dispatch), not for a batch
+    # job to finish (the filler alone has 100 steps)
+    assert done["started_at"] - done["created_at"] < 10 * step_s + 1.0, (done, step_s)
+
+    victim_job = served.wait_terminal(victim, timeout=240)
+    assert victim_job["status"] == "done"
+    from imagine.jobs import JobStore
+
+    store = JobStore(served.config.resolved_database_url)
+    assert store.get(victim).preemptions == 1 and store.get(victim).attempt == 2
+    store.close()
+    served.http.post(f"/v1/videos/{filler}/cancel")
+    # paused at a step boundary, checkpointed, resumed: the same video as an uninterrupted run
+    same = [served.http.get(f"/v1/videos/{j}/content").content for j in (reference, victim)]
+    assert same[0] == same[1]
+
+
+def _step_seconds(served: Served, job_id: str) -> float:
+    """Seconds per denoising step of a finished job (its measured denoise time / steps)."""
+    from imagine.jobs import JobStore
+
+    store = JobStore(served.config.resolved_database_url)
+    job = store.get(job_id)
+    store.close()
+    return job.result["stage_seconds"]["denoise"] / job.params["num_inference_steps"]
+
+
 def _steps_done(job: dict) -> int:
     from imagine.serving.stages import DENOISE_PROGRESS_SHARE
 
@@ -175,6 +240,7 @@ def test_cancel_queued_and_running(served):
         final = served.wait_terminal(job_id, timeout=60)
         assert final["status"] == "cancelled"
         assert _steps_done(final) - at_cancel <= 1, (at_cancel, _steps_done(final))
+        assert final["usage"]["price_usd"] == 0 and final["usage"]["device_seconds"] > 0  # cost, no price
         assert _steps_done(final) < LONG["num_inference_steps"]
 
     never_ran = served.job(queued)
@@ -201,3 +267,34 @@ def test_restart_loses_nothing(served):
     store = JobStore(served.config.resolved_database_url)
     assert store.get(running).attempt == 2  # re-queued once, then finished
     store.close()
+
+
+def test_denoisers_scale_up_on_queued_work_and_back_down(served):
+    """Last in this module: redeploys the app with an autoscaling denoiser (1..2 replicas)."""
+    from ray import serve
+
+    def denoiser_replicas() -> int:
+        return serve.status().applications["imagine"].deployments["Denoiser"].replica_states.get("RUNNING", 0)
+
+    config = served.config.model_copy(deep=True)
+    config.max_inflight_jobs = None  # follow the live replicas
+    config.denoiser.autoscaling = config.denoiser.autoscaling.model_validate(
+        {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 2}
+    )
+    served.config = config
+    serve.delete("imagine")
+    served.deploy()
+    assert denoiser_replicas() == 1
+    ids = [served.submit(**{**LONG, "num_inference_steps": 60}) for _ in range(4)]
+    deadline = time.monotonic() + 90
+    while denoiser_replicas() < 2:
+        assert time.monotonic() < deadline, "queued work did not scale the denoisers up"
+        time.sleep(0.2)
+    # with two replicas up, two jobs denoise at once
+    served.wait_for(ids[1], lambda j: j["status"] in ("running", "done") and j["progress"] > 0, timeout=120)
+    for job_id in ids:
+        assert served.wait_terminal(job_id, timeout=240)["status"] == "done"
+    deadline = time.monotonic() + 90
+    while denoiser_replicas() > 1:
+        assert time.monotonic() < deadline, "idle denoisers did not scale back down"
+        time.sleep(0.5)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,16 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "code": self.code, "message": self.message, "param": self.param}}
+
+
+def unauthorized(code: str, message: str) -> ApiError:
+    """401 about the `Authorization` header."""
+    return ApiError(401, code, message, "Authorization", "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+def rate_limited(code: str, message: str, retry_after_s: float) -> ApiError:
+    """429 with `Retry-After` (whole seconds, at least 1); `code` names the limit that was hit."""
+    return ApiError(429, code, message, None, "rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 def error_response(err: ApiError) -> JSONResponse:

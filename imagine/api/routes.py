@@ -1,4 +1,5 @@
-"""The FastAPI app: thin routes over `JobService`. Runs inside the Serve ingress, or alone in tests."""
+"""The FastAPI app: thin routes over `JobService`. Runs inside the Serve ingress, or alone in tests.
+Every /v1 route needs a principal (`imagine.api.auth`); every job route is scoped to its tenant."""
 
 from __future__ import annotations
 
@@ -6,23 +7,32 @@ import asyncio
 import time
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from imagine import __version__
+from imagine.api.auth import Principal, principal_dependency
 from imagine.api.errors import ApiError, install_error_handlers
+from imagine.api.ops import create_ops_router
 from imagine.api.schemas import (
     CreatedResponse,
     GenerationRequest,
     JobResponse,
     ModelInfo,
 )
-from imagine.api.service import JobService
+from imagine.api.service import (
+    CreateOptions,
+    JobService,
+    parse_idempotency_key,
+    parse_priority,
+    parse_start_deadline,
+)
 
 _ERROR_RESPONSES = {
     400: {"description": "Bad input (JSON error body names the parameter)"},
-    404: {"description": "Unknown id"},
+    401: {"description": "Missing, unknown or revoked API key"},
+    404: {"description": "Unknown id (or another tenant's)"},
     409: {"description": "Conflicting state"},
     422: {"description": "Invalid parameter"},
 }
@@ -39,6 +49,10 @@ def create_api(service: JobService) -> FastAPI:
         description="Self-hosted video + native-audio generation. Every request is an async job.",
     )
     install_error_handlers(app)
+    app.state.job_service = service  # for `imagine.api.auth.require_principal` in other routers
+    require_principal = principal_dependency(service)
+    app.include_router(create_ops_router(service.store, service.ledger, service.config.accounting, require_principal))
+    Caller = Depends(require_principal)  # read as a type in the signatures below
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):  # noqa: ANN001, ANN202 - ASGI middleware
@@ -53,11 +67,13 @@ def create_api(service: JobService) -> FastAPI:
         counts = service.store.count_by_status()
         return {"status": "ok", "version": __version__, "jobs": counts}
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], dependencies=[Caller])
     def list_models() -> dict:
         return {"object": "list", "data": [m.model_dump() for m in service.models()]}
 
-    @app.get("/v1/models/{model_id}", tags=["models"], response_model=ModelInfo, responses=_ERROR_RESPONSES)
+    @app.get(
+        "/v1/models/{model_id}", tags=["models"], response_model=ModelInfo, responses=_ERROR_RESPONSES, dependencies=[Caller]
+    )
     def get_model(model_id: str) -> ModelInfo:
         for m in service.models():
             if m.id == model_id:
@@ -66,29 +82,48 @@ def create_api(service: JobService) -> FastAPI:
 
     @app.post(
         "/v1/videos/generations", status_code=202, tags=["videos"], response_model=CreatedResponse,
-        responses=_ERROR_RESPONSES,
+        responses={**_ERROR_RESPONSES, 429: {"description": "A limit was hit (`code` says which); see Retry-After"}},
     )
-    def create_generation(body: GenerationRequest) -> CreatedResponse:
-        job = service.create_generation(body)
-        return CreatedResponse(request_id=job.id)
+    def create_generation(
+        body: GenerationRequest,
+        response: Response,
+        principal: Principal = Caller,
+        priority: str | None = Header(None, alias="X-Priority", description="realtime | standard | batch (capped at the key's tier)."),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="Same key + same body -> the same job."),
+        start_deadline: str | None = Header(None, alias="X-Start-Deadline", description="Seconds; still queued then -> expired."),
+    ) -> CreatedResponse:
+        options = CreateOptions(
+            priority=parse_priority(priority),
+            idempotency_key=parse_idempotency_key(idempotency_key),
+            start_deadline_s=parse_start_deadline(start_deadline),
+        )
+        created = service.create_generation(body, principal, options)
+        if created.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return CreatedResponse(request_id=created.job.id)
 
     @app.get("/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
-    def get_video(job_id: str, request: Request) -> JobResponse:
-        return service.to_response(service.get(job_id), _base_url(request))
+    def get_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
+        return service.to_response(service.get(job_id, principal.tenant), _base_url(request))
 
     @app.post("/v1/videos/{job_id}/cancel", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
-    def cancel_video(job_id: str, request: Request) -> JobResponse:
-        return service.to_response(service.cancel(job_id), _base_url(request))
+    @app.delete(
+        "/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES,
+        summary="Cancel Video (OpenAI-style alias of POST /v1/videos/{job_id}/cancel)",
+    )
+    def cancel_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
+        return service.to_response(service.cancel(job_id, principal.tenant), _base_url(request))
 
     @app.get("/v1/videos/{job_id}/events", tags=["videos"], responses=_ERROR_RESPONSES)
     async def video_events(
         job_id: str,
         request: Request,
+        principal: Principal = Caller,
         timeout: float = Query(3600.0, gt=0, le=86_400, description="Close the stream after this many seconds."),
     ) -> EventSourceResponse:
         """Server-sent events: a `status` event (the job, as `GET /v1/videos/{id}`) whenever its status or
         progress changes; the stream ends after a terminal status (or `timeout`; reconnect to go on)."""
-        first = await asyncio.to_thread(service.get, job_id)  # 404 before the stream starts
+        first = await asyncio.to_thread(service.get, job_id, principal.tenant)  # 404 before the stream starts
         base = _base_url(request)
         interval = service.config.events_interval_s
 
@@ -102,13 +137,15 @@ def create_api(service: JobService) -> FastAPI:
                 if job.status.terminal or time.monotonic() > deadline or await request.is_disconnected():
                     return
                 await asyncio.sleep(interval)
-                job = await asyncio.to_thread(service.get, job_id)
+                job = await asyncio.to_thread(service.get, job_id, principal.tenant)
 
         return EventSourceResponse(events(), ping=15)
 
     @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses={**_ERROR_RESPONSES, 206: {"description": "Partial"}})
-    def video_content(job_id: str, range_header: str | None = Header(None, alias="Range")) -> Response:
-        rng, body = service.content(job_id, range_header)
+    def video_content(
+        job_id: str, principal: Principal = Caller, range_header: str | None = Header(None, alias="Range")
+    ) -> Response:
+        rng, body = service.content(job_id, range_header, principal.tenant)
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Length": str(rng.end - rng.start + 1),

@@ -61,6 +61,15 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class Usage(BaseModel):
+    """Measured usage of a job: device time and its cost; output seconds and price only once done."""
+
+    output_seconds: float
+    device_seconds: float
+    cost_usd: float
+    price_usd: float
+
+
 class JobResponse(BaseModel):
     """`GET /v1/videos/{id}`."""
 
@@ -69,13 +78,16 @@ class JobResponse(BaseModel):
     object: str = "video"
     kind: str
     model: str
+    priority: Literal["realtime", "standard", "batch"] = Field(description="The job's effective priority tier.")
     status: Literal["queued", "running", "done", "failed", "cancelled", "expired"]
     progress: float
     created_at: float
     started_at: float | None
     finished_at: float | None
+    deadline_at: float | None = Field(None, description="Start deadline (unix s); still queued then -> expired.")
     video: VideoInfo | None = None
     error: ErrorInfo | None = None
+    usage: Usage | None = Field(None, description="Device-seconds, cost and (done jobs only) price, from the ledger.")
     request: dict[str, Any] = Field(default_factory=dict, description="The resolved request parameters.")
 
 

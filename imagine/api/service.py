@@ -6,22 +6,27 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import sqlalchemy as sa
 from PIL import Image, UnidentifiedImageError
 
-from imagine.api.errors import ApiError
+from imagine.api.auth import Principal, local_principal
+from imagine.api.errors import ApiError, rate_limited
 from imagine.api.schemas import (
     ErrorInfo,
     GenerationRequest,
     JobResponse,
     ModelInfo,
+    Usage,
     VideoInfo,
 )
-from imagine.config import AppConfig
+from imagine.config import TIERS, AppConfig
 from imagine.jobs import (
     JobNotFound,
     JobRecord,
@@ -30,12 +35,18 @@ from imagine.jobs import (
     JobStore,
     NewJob,
 )
+from imagine.jobs.idempotency import MAX_KEY_CHARS, IdempotencyKeyInUse, IdempotencyStore, body_fingerprint
+from imagine.jobs.keys import KeyStore
+from imagine.jobs.ledger import Ledger
 from imagine.models.presets import ModelPreset
 from imagine.pipeline.sizing import plan_video
 from imagine.storage import ArtifactNotFound, ArtifactStore
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 _ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+_DAY_S = 86_400
+# Retry-After of a full queue or a key at its concurrency: about one short job's time; no better estimate yet
+BUSY_RETRY_AFTER_S = 10
 
 
 def input_image_key(job_id: str) -> str:
@@ -44,6 +55,52 @@ def input_image_key(job_id: str) -> str:
 
 def output_video_key(job_id: str) -> str:
     return f"outputs/{job_id}/video.mp4"
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """What a create request says besides its body (its headers)."""
+
+    priority: str = "standard"  # requested; capped at the caller's tier
+    idempotency_key: str | None = None
+    start_deadline_s: float | None = None  # expire the job if it has not started this many seconds after creation
+
+
+@dataclass(frozen=True)
+class Created:
+    job: JobRecord
+    replayed: bool  # True: an Idempotency-Key duplicate, `job` is the one the first request created
+
+
+def parse_priority(value: str | None) -> str:
+    """The `X-Priority` header: realtime | standard | batch (default standard)."""
+    if value is None:
+        return "standard"
+    if value.strip().lower() not in TIERS:
+        raise ApiError(400, "invalid_priority", f"X-Priority must be one of {', '.join(TIERS)}, got {value!r}", "X-Priority")
+    return value.strip().lower()
+
+
+def parse_start_deadline(value: str | None) -> float | None:
+    """The `X-Start-Deadline` header: a positive number of seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError as e:
+        raise ApiError(400, "invalid_start_deadline", f"X-Start-Deadline must be a number of seconds, got {value!r}", "X-Start-Deadline") from e
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ApiError(400, "invalid_start_deadline", f"X-Start-Deadline must be > 0 seconds, got {value!r}", "X-Start-Deadline")
+    return seconds
+
+
+def parse_idempotency_key(value: str | None) -> str | None:
+    """The `Idempotency-Key` header: 1-255 visible characters."""
+    if value is None:
+        return None
+    if not value or len(value) > MAX_KEY_CHARS or not value.isprintable():
+        raise ApiError(400, "invalid_idempotency_key", f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable characters", "Idempotency-Key")
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,15 +149,20 @@ class JobService:
         presets: dict[str, ModelPreset],
         default_model: str,
         notify: Callable[[], None] | None = None,
+        keys: KeyStore | None = None,
+        idempotency: IdempotencyStore | None = None,
     ):
         if default_model not in presets:
             raise ValueError(f"default_model {default_model!r} is not among the served presets {sorted(presets)}")
         self.config = config
         self.store = store
         self.artifacts = artifacts
+        self.ledger = Ledger(store.engine, config.accounting)
         self.presets = presets
         self.default_model = default_model
         self.notify = notify or (lambda: None)
+        self.keys = keys or KeyStore(store.engine)
+        self.idempotency = idempotency or IdempotencyStore(store.engine, config.auth.idempotency_ttl_s)
 
     # -- models ----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -166,7 +228,18 @@ class JobService:
             )
         return name, self.presets[name]
 
-    def create_generation(self, req: GenerationRequest, tenant: str = "default") -> JobRecord:
+    def create_generation(
+        self, req: GenerationRequest, principal: Principal | None = None, options: CreateOptions | None = None
+    ) -> Created:
+        """Validate, admit and insert a job; an Idempotency-Key duplicate returns the first request's job."""
+        principal = principal or local_principal(self.config.auth)
+        options = options or CreateOptions()
+        body_hash = None
+        if options.idempotency_key is not None:
+            body_hash = body_fingerprint(req.model_dump(mode="json", exclude_unset=True))
+            replay = self._replay(principal, options.idempotency_key, body_hash, time.time())
+            if replay is not None:
+                return replay
         limits = self.config.limits
         if len(req.prompt) > limits.max_prompt_chars:
             raise ApiError(422, "prompt_too_long", f"prompt has {len(req.prompt)} characters, over {limits.max_prompt_chars}", "prompt")
@@ -179,7 +252,12 @@ class JobService:
         plan = plan_video(req.duration, req.resolution, req.aspect_ratio, fps)
         image_png = self._decode_image(req.image_url) if req.image_url is not None else None
 
-        job = NewJob(kind="generation", model=model_name, params={}, tenant=tenant)
+        now = time.time()
+        job = NewJob(
+            kind="generation", model=model_name, params={}, tenant=principal.tenant,
+            priority=principal.cap_priority(options.priority), api_key_id=principal.key_id,
+            deadline_at=now + options.start_deadline_s if options.start_deadline_s is not None else None,
+        )
         params = {
             "prompt": req.prompt,
             "negative_prompt": req.negative_prompt or "",
@@ -199,9 +277,75 @@ class JobService:
             params["image_key"] = input_image_key(job.id)
             self.artifacts.put_bytes(params["image_key"], image_png)
         job.params = params
-        record = self.store.create(job)
+        try:
+            with self.store.engine.begin() as conn:  # all or nothing: a rejected request leaves no row
+                self.store.lock_for_admission(conn)
+                if options.idempotency_key is not None:
+                    self.idempotency.reserve(conn, principal.tenant, options.idempotency_key, body_hash, job.id, now)
+                self.store.insert(conn, job, now)
+                self._admit(conn, principal, job, now)
+        except ApiError:
+            self._discard_inputs(params)
+            raise
+        except IdempotencyKeyInUse as e:
+            self._discard_inputs(params)
+            # a concurrent duplicate committed first: answer with its job (it is live: it just committed)
+            replay = self._replay(principal, options.idempotency_key, body_hash, time.time())
+            if replay is None:
+                raise ApiError(
+                    409, "idempotency_conflict", "a request with this Idempotency-Key expired while this one ran; retry",
+                    "Idempotency-Key",
+                ) from e
+            return replay
         self.notify()
-        return record
+        return Created(self.store.get(job.id), replayed=False)
+
+    def _discard_inputs(self, params: dict) -> None:
+        if params["image_key"] is not None:
+            self.artifacts.delete(params["image_key"])
+
+    def _replay(self, principal: Principal, key: str, body_hash: str, now: float) -> Created | None:
+        record = self.idempotency.get(principal.tenant, key, now)
+        if record is None:
+            return None
+        if record.body_hash != body_hash:
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body", "Idempotency-Key"
+            )
+        return Created(self.get(record.job_id, principal.tenant), replayed=True)
+
+    def _admit(self, conn: sa.Connection, principal: Principal, job: NewJob, now: float) -> None:
+        """Admission and backpressure, inside the creating transaction after the job's insert (so
+        concurrent creates are counted in turn); raises 429 + Retry-After naming the limit."""
+        limits = principal.limits
+        if limits.max_concurrent_jobs is not None or limits.max_queued_jobs is not None:
+            active = self.store.count_active(conn, principal.tenant, principal.key_id, job.id)
+            running, queued = active[JobStatus.RUNNING.value], active[JobStatus.QUEUED.value]
+            # concurrent = in flight (queued or running): a key at its limit waits for one to finish
+            if limits.max_concurrent_jobs is not None and running + queued >= limits.max_concurrent_jobs:
+                raise rate_limited(
+                    "concurrency_limit",
+                    f"{running + queued} jobs of this key are queued or running; its limit is {limits.max_concurrent_jobs}",
+                    BUSY_RETRY_AFTER_S,
+                )
+            if limits.max_queued_jobs is not None and queued >= limits.max_queued_jobs:
+                raise rate_limited(
+                    "queue_limit", f"{queued} jobs of this key are queued; its limit is {limits.max_queued_jobs}",
+                    BUSY_RETRY_AFTER_S,
+                )
+        if limits.max_video_seconds_per_day is not None:
+            day_start = now - now % _DAY_S  # UTC midnight (the epoch is one)
+            used = self.store.requested_seconds_since(conn, principal.tenant, principal.key_id, day_start, job.id)
+            requested = float(job.params["duration"])
+            if used + requested > limits.max_video_seconds_per_day:
+                raise rate_limited(
+                    "daily_video_seconds_limit",
+                    f"{used:g} s requested today + {requested:g} s is over this key's {limits.max_video_seconds_per_day:g} s per UTC day",
+                    day_start + _DAY_S - now,
+                )
+        bound = self.config.scheduling.max_queued_per_tier.get(job.priority)
+        if bound is not None and self.store.count_queued_in_tier(conn, job.priority, job.id) >= bound:
+            raise rate_limited("tier_queue_full", f"the {job.priority} queue is full ({bound} jobs)", BUSY_RETRY_AFTER_S)
 
     # -- read / cancel -----------------------------------------------------------------------
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -229,9 +373,10 @@ class JobService:
         request = {k: v for k, v in job.params.items() if k != "image_key"}
         request["has_image"] = bool(job.params.get("image_key"))
         return JobResponse(
-            id=job.id, request_id=job.id, kind=job.kind, model=job.model, status=job.status.value,
+            id=job.id, request_id=job.id, kind=job.kind, model=job.model, priority=job.priority, status=job.status.value,
             progress=round(job.progress, 4), created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, video=video, error=error, request=request,
+            finished_at=job.finished_at, deadline_at=job.deadline_at, video=video, error=error, request=request,
+            usage=Usage(**self.ledger.job_usage(job)),
         )
 
     def content(self, job_id: str, range_header: str | None, tenant: str | None = None) -> tuple[ByteRange, Iterator[bytes]]:

@@ -1,12 +1,5 @@
-"""Durable state: the job store (and, later, idempotency keys and the usage ledger)."""
+"""Durable state: the job store (and idempotency keys and the usage ledger beside it)."""
 
-from imagine.jobs.store import (
-    JobNotFound,
-    JobRecord,
-    JobStateConflict,
-    JobStatus,
-    JobStore,
-    NewJob,
-)
+from imagine.jobs.store import JobNotFound, JobRecord, JobStateConflict, JobStatus, JobStore, NewJob, StepSignal
 
-__all__ = ["JobNotFound", "JobRecord", "JobStateConflict", "JobStatus", "JobStore", "NewJob"]
+__all__ = ["JobNotFound", "JobRecord", "JobStateConflict", "JobStatus", "JobStore", "NewJob", "StepSignal"]

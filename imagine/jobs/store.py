@@ -33,14 +33,21 @@ jobs_table = sa.Table(
     sa.Column("progress", sa.Float, nullable=False, default=0.0),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("preempt_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("preemptions", sa.Integer, nullable=False, default=0),
+    sa.Column("checkpoint_key", sa.String(512), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("result", sa.Text, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("api_key_id", sa.String(64), nullable=True),  # the API key that created the job (None: auth off)
+    sa.Column("deadline_at", sa.Float, nullable=True),  # X-Start-Deadline: expire if still queued after this
     sa.Index("ix_jobs_status_created", "status", "created_at"),
+    sa.Index("ix_jobs_queue_heads", "status", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_tenant_created", "tenant", "created_at"),
+    sa.Index("ix_jobs_api_key_status", "api_key_id", "status"),
 )
 
 
@@ -55,6 +62,14 @@ class JobStatus(str, Enum):
     @property
     def terminal(self) -> bool:
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
+
+
+class StepSignal(str, Enum):
+    """What a running denoising loop should do after the step it just reported."""
+
+    CONTINUE = "continue"
+    CANCEL = "cancel"  # cancelled, or this attempt is stale: stop and drop the work
+    PREEMPT = "preempt"  # checkpoint at this boundary and give the slot back
 
 
 class JobNotFound(KeyError):
@@ -83,12 +98,17 @@ class JobRecord:
     progress: float
     cancel_requested: bool
     attempt: int
+    preempt_requested: bool
+    preemptions: int
+    checkpoint_key: str | None
     error: dict[str, Any] | None
     result: dict[str, Any] | None
     created_at: float
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    api_key_id: str | None = None
+    deadline_at: float | None = None
 
 
 @dataclass
@@ -99,6 +119,8 @@ class NewJob:
     tenant: str = "default"
     priority: str = "standard"
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    api_key_id: str | None = None
+    deadline_at: float | None = None
 
 
 def _row_to_record(row: sa.Row) -> JobRecord:
@@ -114,12 +136,17 @@ def _row_to_record(row: sa.Row) -> JobRecord:
         progress=float(m["progress"]),
         cancel_requested=bool(m["cancel_requested"]),
         attempt=int(m["attempt"]),
+        preempt_requested=bool(m["preempt_requested"]),
+        preemptions=int(m["preemptions"]),
+        checkpoint_key=m["checkpoint_key"],
         error=json.loads(m["error"]) if m["error"] else None,
         result=json.loads(m["result"]) if m["result"] else None,
         created_at=m["created_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         updated_at=m["updated_at"],
+        api_key_id=m["api_key_id"],
+        deadline_at=m["deadline_at"],
     )
 
 
@@ -147,6 +174,32 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+_ADMISSION_LOCK_KEY = 0x1D_E4_A1_5E  # PostgreSQL advisory lock id of job admission (any constant of ours)
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """`create_all` creates missing tables, never missing columns: add the columns this code defines to a
+    `jobs` table written by an older version (nullable ones, or ones with a scalar default)."""
+    existing = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    for col in jobs_table.columns:
+        if col.name in existing:
+            continue
+        default = col.default.arg if col.default is not None and col.default.is_scalar else None
+        if not col.nullable and default is None:
+            raise RuntimeError(f"cannot add NOT NULL column jobs.{col.name} without a default to the existing table")
+        ddl = f"ALTER TABLE jobs ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
+        if default is not None:
+            literal = sa.literal(default, col.type).compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+            ddl += f" NOT NULL DEFAULT {literal}"
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as e:
+            # another replica starting at the same time may have added it first
+            if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
+                raise RuntimeError(f"could not add column jobs.{col.name}: {e}") from e
+
+
 class JobStore:
     """Jobs as rows; all transitions are atomic conditional updates."""
 
@@ -154,6 +207,7 @@ class JobStore:
         self.url = url
         self.engine = engine or make_engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -186,7 +240,14 @@ class JobStore:
 
     # -- writes ----------------------------------------------------------------------------
     def create(self, job: NewJob) -> JobRecord:
-        now = time.time()
+        with self.engine.begin() as conn:
+            self.insert(conn, job)
+        return self.get(job.id)
+
+    def insert(self, conn: sa.Connection, job: NewJob, now: float | None = None) -> None:
+        """Insert `job` as queued inside the caller's transaction (the API runs admission checks and the
+        Idempotency-Key record in the same one, so a rejected request leaves no row behind)."""
+        now = time.time() if now is None else now
         values = dict(
             id=job.id,
             tenant=job.tenant,
@@ -200,15 +261,87 @@ class JobStore:
             attempt=0,
             created_at=now,
             updated_at=now,
+            api_key_id=job.api_key_id,
+            deadline_at=job.deadline_at,
         )
+        conn.execute(sa.insert(jobs_table).values(**values))
+
+    # -- admission (read inside the creating transaction, after its insert: SQLite then holds the write
+    # lock, so concurrent creates are counted one after the other) ------------------------------------
+    @staticmethod
+    def lock_for_admission(conn: sa.Connection) -> None:
+        """Serialize admitting transactions, so limits are never overshot by concurrent creates: PostgreSQL
+        takes a transaction-scoped advisory lock; SQLite needs nothing (its first write locks the database)."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMISSION_LOCK_KEY})
+
+    @staticmethod
+    def _owner(tenant: str, api_key_id: str | None) -> sa.ColumnElement[bool]:
+        j = jobs_table
+        return j.c.api_key_id == api_key_id if api_key_id is not None else j.c.tenant == tenant
+
+    def count_active(self, conn: sa.Connection, tenant: str, api_key_id: str | None, exclude_id: str) -> dict[str, int]:
+        """Queued and running jobs of a key (of the tenant when `api_key_id` is None), without `exclude_id`."""
+        j = jobs_table
+        query = (
+            sa.select(j.c.status, sa.func.count())
+            .where(
+                self._owner(tenant, api_key_id), j.c.id != exclude_id,
+                j.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            )
+            .group_by(j.c.status)
+        )
+        counts = {JobStatus.QUEUED.value: 0, JobStatus.RUNNING.value: 0}
+        counts.update({status: int(n) for status, n in conn.execute(query)})
+        return counts
+
+    def count_queued_in_tier(self, conn: sa.Connection, priority: str, exclude_id: str) -> int:
+        j = jobs_table
+        query = sa.select(sa.func.count()).where(
+            j.c.status == JobStatus.QUEUED.value, j.c.priority == priority, j.c.id != exclude_id
+        )
+        return int(conn.execute(query).scalar_one())
+
+    def requested_seconds_since(
+        self, conn: sa.Connection, tenant: str, api_key_id: str | None, since: float, exclude_id: str
+    ) -> float:
+        """Sum of requested `duration` of a key's jobs created since `since`; failed, expired and
+        cancelled-before-start jobs do not count."""
+        j = jobs_table
+        query = sa.select(j.c.params).where(
+            self._owner(tenant, api_key_id), j.c.id != exclude_id, j.c.created_at >= since,
+            j.c.status.not_in([JobStatus.FAILED.value, JobStatus.EXPIRED.value]),
+            sa.not_(sa.and_(j.c.status == JobStatus.CANCELLED.value, j.c.started_at.is_(None))),
+        )
+        return float(sum(float(json.loads(params).get("duration", 0.0)) for (params,) in conn.execute(query)))
+
+    def expire_overdue(self, now: float | None = None) -> list[str]:
+        """queued -> expired (finished_at set) for every job whose start deadline has passed, in one
+        conditional UPDATE; returns their ids. The scheduler calls this before each claim."""
+        now = time.time() if now is None else now
+        j = jobs_table
+        error = {
+            "type": "deadline_error", "code": "start_deadline_exceeded",
+            "message": "the job did not start before its X-Start-Deadline",
+        }
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(jobs_table).values(**values))
-        return self.get(job.id)
+            rows = conn.execute(
+                sa.update(j)
+                .where(j.c.status == JobStatus.QUEUED.value, j.c.deadline_at.is_not(None), j.c.deadline_at <= now)
+                .values(status=JobStatus.EXPIRED.value, finished_at=now, updated_at=now, error=json.dumps(error))
+                .returning(j.c.id)
+            ).all()
+        return [job_id for (job_id,) in rows]
 
     def _transition(
-        self, job_id: str, expected: tuple[JobStatus, ...], values: dict[str, Any], attempt: int | None = None
+        self,
+        job_id: str,
+        expected: tuple[JobStatus, ...],
+        values: dict[str, Any],
+        attempt: int | None = None,
+        extra: list[Any] | None = None,
     ) -> bool:
-        cond = [jobs_table.c.id == job_id, jobs_table.c.status.in_([s.value for s in expected])]
+        cond = [jobs_table.c.id == job_id, jobs_table.c.status.in_([s.value for s in expected]), *(extra or [])]
         if attempt is not None:
             cond.append(jobs_table.c.attempt == attempt)
         values = {**values, "updated_at": time.time()}
@@ -226,22 +359,61 @@ class JobStore:
                     status=JobStatus.RUNNING.value,
                     started_at=now,
                     updated_at=now,
-                    progress=0.0,
+                    preempt_requested=False,
                     attempt=jobs_table.c.attempt + 1,
                 )
             ).rowcount
         return self.get(job_id) if updated == 1 else None
 
     def claim_next(self) -> JobRecord | None:
-        """Claim the oldest queued job (FIFO); the scheduling issue replaces the order, not this shape."""
+        """Claim the oldest queued job (FIFO). The dispatcher claims by policy (`queue_heads` + `claim`)."""
         for candidate in self.list_by_status(JobStatus.QUEUED, limit=16):
             claimed = self.claim(candidate.id)
             if claimed is not None:
                 return claimed
         return None
 
-    def report_progress(self, job_id: str, attempt: int, progress: float) -> bool:
-        """Record progress of a running attempt; returns True when a cancel was requested."""
+    def queue_heads(self) -> list[tuple[str, str, str, float]]:
+        """(id, tenant, priority, created_at) of each tenant's oldest queued job in each tier: all a
+        FIFO-within-tenant policy needs to choose, however long the queue (one grouped query)."""
+        j = jobs_table
+        heads = (
+            sa.select(j.c.tenant, j.c.priority, sa.func.min(j.c.created_at).label("oldest"))
+            .where(j.c.status == JobStatus.QUEUED.value)
+            .group_by(j.c.tenant, j.c.priority)
+            .subquery()
+        )
+        query = (
+            sa.select(j.c.id, j.c.tenant, j.c.priority, j.c.created_at)
+            .join(heads, sa.and_(j.c.tenant == heads.c.tenant, j.c.priority == heads.c.priority, j.c.created_at == heads.c.oldest))
+            .where(j.c.status == JobStatus.QUEUED.value)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    def queue_depth(self) -> dict[str, int]:
+        """Queued jobs per priority tier."""
+        query = (
+            sa.select(jobs_table.c.priority, sa.func.count())
+            .where(jobs_table.c.status == JobStatus.QUEUED.value)
+            .group_by(jobs_table.c.priority)
+        )
+        with self.engine.connect() as conn:
+            return {tier: int(n) for tier, n in conn.execute(query)}
+
+    def recent_starts(self, since: float) -> list[tuple[str, str]]:
+        """(tenant, priority) of jobs started since `since`, oldest first (rebuilds fair-share state)."""
+        query = (
+            sa.select(jobs_table.c.tenant, jobs_table.c.priority)
+            .where(jobs_table.c.started_at >= since)
+            .order_by(jobs_table.c.started_at)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    def report_progress(self, job_id: str, attempt: int, progress: float) -> StepSignal:
+        """Record progress of a running attempt and say whether to go on, stop (cancelled or stale)
+        or checkpoint and yield the slot (preemption requested)."""
         now = time.time()
         with self.engine.begin() as conn:
             conn.execute(
@@ -254,14 +426,40 @@ class JobStore:
                 .values(progress=min(max(progress, 0.0), 1.0), updated_at=now)
             )
             row = conn.execute(
-                sa.select(jobs_table.c.cancel_requested, jobs_table.c.status, jobs_table.c.attempt).where(
-                    jobs_table.c.id == job_id
-                )
+                sa.select(
+                    jobs_table.c.cancel_requested, jobs_table.c.preempt_requested, jobs_table.c.status, jobs_table.c.attempt
+                ).where(jobs_table.c.id == job_id)
             ).first()
         if row is None:
-            return True
-        cancel_requested, status, current_attempt = row
-        return bool(cancel_requested) or status != JobStatus.RUNNING.value or current_attempt != attempt
+            return StepSignal.CANCEL
+        cancel_requested, preempt_requested, status, current_attempt = row
+        if cancel_requested or status != JobStatus.RUNNING.value or current_attempt != attempt:
+            return StepSignal.CANCEL
+        return StepSignal.PREEMPT if preempt_requested else StepSignal.CONTINUE
+
+    def request_preempt(self, job_id: str, max_preemptions: int) -> bool:
+        """Ask a running job to checkpoint at its next step; refused past `max_preemptions` (no thrash)."""
+        return self._transition(
+            job_id,
+            (JobStatus.RUNNING,),
+            {"preempt_requested": True},
+            extra=[jobs_table.c.preemptions < max_preemptions, jobs_table.c.cancel_requested.is_(False)],
+        )
+
+    def requeue_preempted(self, job_id: str, attempt: int, checkpoint_key: str) -> bool:
+        """running -> queued with its checkpoint; it keeps its created_at (and so its place and aging)."""
+        return self._transition(
+            job_id,
+            (JobStatus.RUNNING,),
+            {
+                "status": JobStatus.QUEUED.value,
+                "checkpoint_key": checkpoint_key,
+                "preempt_requested": False,
+                "preemptions": jobs_table.c.preemptions + 1,
+                "started_at": None,
+            },
+            attempt,
+        )
 
     def request_cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """queued -> cancelled now; running -> flagged, the denoiser stops at its next step.

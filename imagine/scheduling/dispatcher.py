@@ -1,35 +1,66 @@
-"""The dispatch loop: claims queued jobs from the store and runs them, never more at once than the
-denoisers can start now. Pure asyncio, no Ray: the Serve scheduler deployment hosts it and supplies
-`run_job` (which calls the stage deployments). The claim order lives in `JobStore.claim_next`;
-the priority/fair-share issue swaps that policy in without changing this loop.
+"""The dispatch loop: claims queued jobs from the store in policy order and runs them, never more at
+once than the denoisers can start now. Pure asyncio, no Ray: the Serve scheduler deployment hosts it
+and supplies `run_job` (which calls the stage deployments).
 
 A job holds a denoiser *slot* from its claim until `release()` (called by `run_job` once the sampling
-loop is over), so the next job starts denoising while the previous one is still being decoded."""
+loop is over or was paused), so the next job starts denoising while the previous one is decoded.
+When every slot runs lower-tier work and a higher-tier job waits, one running job is asked to pause
+at its next step boundary (`JobStore.request_preempt`); it checkpoints, re-queues and resumes later.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from imagine.jobs import JobRecord, JobStore
+from imagine.scheduling.policy import FairSharePolicy, QueuedJob, tier_rank
 
 logger = logging.getLogger(__name__)
 
 RunJob = Callable[[JobRecord, Callable[[], None]], Awaitable[None]]
+# fair-share counters are rebuilt from the starts of this window when the scheduler restarts
+FAIRNESS_MEMORY_S = 3600.0
+
+
+@dataclass
+class _Slot:
+    job_id: str
+    tier: str
+    started: float
+    preempting: bool = False
 
 
 class Dispatcher:
-    def __init__(self, store: JobStore, run_job: RunJob, capacity: int, poll_interval_s: float = 0.5):
+    def __init__(
+        self,
+        store: JobStore,
+        run_job: RunJob,
+        capacity: int,
+        poll_interval_s: float = 0.5,
+        policy: FairSharePolicy | None = None,
+        preemption: bool = False,
+        max_preemptions: int = 2,
+        clock: Callable[[], float] = time.time,
+        paused: bool = False,
+    ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.store = store
         self.run_job = run_job
         self.capacity = capacity
         self.poll_interval_s = poll_interval_s
+        self.policy = policy or FairSharePolicy(aging_s=300.0)
+        self.preemption = preemption
+        self.max_preemptions = max_preemptions
+        self.clock = clock
+        self.paused = paused
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
-        self._slots: set[str] = set()  # job ids holding a denoiser slot
+        self._slots: dict[str, _Slot] = {}  # job id -> slot it holds while denoising
         self._stopped = False
 
     @property
@@ -41,35 +72,84 @@ class Dispatcher:
     def busy_slots(self) -> int:
         return len(self._slots)
 
+    def set_capacity(self, capacity: int) -> None:
+        """Denoiser replicas came or went: dispatch against the new number of slots."""
+        if capacity != self.capacity:
+            logger.info("dispatch capacity %d -> %d", self.capacity, capacity)
+            self.capacity = max(1, capacity)
+            self._wake.set()
+
     def nudge(self) -> None:
         """Something changed (a job was queued, a slot freed): look at the queue now."""
         self._wake.set()
 
     def recover(self) -> int:
-        """Start-up: jobs a dead scheduler left running go back to the queue."""
+        """Start-up: jobs a dead scheduler left running go back to the queue; fair share is rebuilt."""
         n = self.store.requeue_running()
         if n:
             logger.info("re-queued %d job(s) left running by a previous scheduler", n)
+        self.policy.rebuild(self.store.recent_starts(self.clock() - FAIRNESS_MEMORY_S))
         return n
 
-    async def _claim(self) -> JobRecord | None:
-        return await asyncio.to_thread(self.store.claim_next)
+    def _queue(self) -> list[QueuedJob]:
+        return [QueuedJob(id=i, tenant=t, tier=p, created_at=c) for i, t, p, c in self.store.queue_heads()]
+
+    def _claim_best(self) -> JobRecord | None:
+        """Claim the policy's choice; a lost race (cancelled or claimed meanwhile) just tries again."""
+        for _ in range(8):
+            choice = self.policy.pick(self._queue(), self.clock())
+            if choice is None:
+                return None
+            job = self.store.claim(choice.id)
+            if job is not None:
+                self.policy.observe_start(job.tenant, job.priority)
+                return job
+        return None
+
+    def _maybe_preempt(self) -> str | None:
+        """All slots busy: if the best waiting job outranks the lowest running one, ask that one to pause."""
+        if not self.preemption or len(self._slots) < self.capacity:
+            return None
+        if any(s.preempting for s in self._slots.values()):
+            return None  # one pause at a time: the freed slot goes to the waiting job first
+        waiting = self.policy.pick(self._queue(), self.clock())
+        if waiting is None:
+            return None
+        waiting_rank = self.policy.effective_rank(waiting, self.clock())
+        victims = sorted(
+            (s for s in self._slots.values() if tier_rank(s.tier) > waiting_rank),
+            key=lambda s: (-tier_rank(s.tier), -s.started),  # lowest tier, then the most recently started
+        )
+        for slot in victims:
+            if self.store.request_preempt(slot.job_id, self.max_preemptions):
+                slot.preempting = True
+                logger.info("asked job %s (%s) to pause for %s (%s)", slot.job_id, slot.tier, waiting.id, waiting.tier)
+                return slot.job_id
+        return None
+
+    def _fill(self) -> list[JobRecord]:
+        """One synchronous pass (runs in a worker thread): expire, claim while slots are free, preempt."""
+        self.store.expire_overdue(self.clock())
+        claimed: list[JobRecord] = []
+        while len(self._slots) + len(claimed) < self.capacity and not self._stopped and not self.paused:
+            job = self._claim_best()
+            if job is None:
+                break
+            claimed.append(job)
+        if not claimed:
+            self._maybe_preempt()
+        return claimed
 
     async def fill_slots(self) -> int:
         """Claim and start jobs while slots are free; returns how many started."""
-        started = 0
-        while len(self._slots) < self.capacity and not self._stopped:
-            job = await self._claim()
-            if job is None:
-                break
-            self._slots.add(job.id)
+        claimed = await asyncio.to_thread(self._fill)
+        for job in claimed:
+            self._slots[job.id] = _Slot(job.id, job.priority, self.clock())
             self._tasks[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
-            started += 1
-        return started
+        return len(claimed)
 
     def _release(self, job_id: str) -> None:
-        if job_id in self._slots:
-            self._slots.discard(job_id)
+        if self._slots.pop(job_id, None) is not None:
             self._wake.set()
 
     async def _run(self, job: JobRecord) -> None:

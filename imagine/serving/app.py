@@ -12,6 +12,7 @@ from imagine.api.routes import create_api
 from imagine.api.service import JobService
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
+from imagine.serving.autoscaling import POLICY_PATH
 from imagine.serving.scheduler import SchedulerServer
 from imagine.serving.stages import (
     DecoderServer,
@@ -56,7 +57,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Applicati
     served_preset(config)
 
     encoder = _deployment(TextEncoderServer, "TextEncoder", config.text_encoder.serve_options()).bind(config)
-    denoiser = _deployment(DenoiserServer, "Denoiser", config.denoiser.serve_options()).bind(config)
+    denoiser_opts = config.denoiser.serve_options()
+    # scale on the job queue (exported by the replicas), not on Serve's request counts: see autoscaling.py
+    denoiser_opts["autoscaling_config"]["policy"] = {"policy_function": POLICY_PATH}
+    denoiser = _deployment(DenoiserServer, "Denoiser", denoiser_opts).bind(config)
     decoder = _deployment(DecoderServer, "Decoder", config.decoder.serve_options()).bind(config)
     scheduler_opts = config.scheduler.serve_options()
     scheduler_opts.pop("autoscaling_config")

@@ -1,0 +1,119 @@
+"""Does a realtime request wait behind batch work? Queue many batch jobs on a local Serve (one
+denoiser slot), let one start, then submit one realtime job and measure how long it waited to
+start, in units of one denoising step of the batch job it displaced.
+
+    python benchmarks/priority.py --batch-jobs 200
+
+Last line: realtime_wait_over_step=X realtime_wait_s=Y step_s=Z (target X <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-jobs", type=int, default=200)
+    parser.add_argument("--trials", type=int, default=3, help="realtime jobs, one after another")
+    parser.add_argument("--duration", type=float, default=5.0, help="batch clip seconds")
+    parser.add_argument("--resolution", default="720p", help="batch clip resolution (sets the step time)")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from imagine.config import AppConfig
+    from imagine.jobs import JobStore
+    from imagine.models.tiny import ensure_tiny_ltx2
+    from imagine.serving.app import build_app
+
+    home = tempfile.mkdtemp(prefix="imagine-prio-")
+    ensure_tiny_ltx2(home)
+    port = free_port()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = AppConfig.model_validate(
+        {
+            "home": home,
+            "auth": {"enabled": False},
+            "max_inflight_jobs": 1,
+            "scheduling": {"max_preemptions_per_job": 1000},
+            "model": {"torch_threads": os.cpu_count()},
+        }
+    )
+    serve.run(build_app(config), name="imagine", route_prefix="/")
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    store = JobStore(config.resolved_database_url)
+    batch = {
+        "prompt": "timelapse of clouds over mountains", "duration": args.duration,
+        "resolution": args.resolution, "num_inference_steps": args.steps,
+    }
+    urgent = {"prompt": "a doorbell rings", "duration": 1, "aspect_ratio": "1:1", "num_inference_steps": 2}
+
+    def submit(body: dict, tier: str) -> str:
+        resp = http.post("/v1/videos/generations", json=body, headers={"X-Priority": tier})
+        resp.raise_for_status()
+        return resp.json()["request_id"]
+
+    waits, steps = [], []
+    try:
+        batch_ids = [submit({**batch, "seed": i}, "batch") for i in range(args.batch_jobs)]
+        print(f"queued {len(batch_ids)} batch jobs ({args.resolution}, {args.duration}s, {args.steps} steps)", flush=True)
+        for trial in range(args.trials):
+            # wait until a batch job is denoising and has made a few steps
+            while True:
+                running = [j for j in store.list_by_status(store_status("running")) if j.priority == "batch"]
+                if running and running[0].progress > 0.1:
+                    victim = running[0]
+                    break
+                time.sleep(0.05)
+            p0, t0 = victim.progress, time.time()
+            time.sleep(1.0)
+            v = store.get(victim.id)
+            if v.status.value != "running":
+                continue
+            step_s = (time.time() - t0) / max(1e-9, (v.progress - p0) / 0.95 * args.steps)
+            rid = submit(urgent, "realtime")
+            while (job := store.get(rid)).started_at is None:
+                time.sleep(0.005)
+            wait = job.started_at - job.created_at
+            waits.append(wait)
+            steps.append(step_s)
+            print(f"trial {trial + 1}: realtime_wait_s={wait:.3f} step_s={step_s:.3f}", flush=True)
+            while store.get(rid).status.value not in ("done", "failed", "cancelled"):
+                time.sleep(0.05)
+        for job_id in batch_ids:
+            http.post(f"/v1/videos/{job_id}/cancel")
+    finally:
+        http.close()
+        serve.shutdown()
+        ray.shutdown()
+    wait, step = statistics.median(waits), statistics.median(steps)
+    print(f"realtime_wait_over_step={wait / step:.3f} realtime_wait_s={wait:.3f} step_s={step:.3f}")
+    return 0
+
+
+def store_status(name: str):  # noqa: ANN201 - JobStatus, imported lazily with the rest
+    from imagine.jobs import JobStatus
+
+    return JobStatus(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
