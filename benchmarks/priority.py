@@ -53,7 +53,7 @@ def main() -> int:
             "home": home,
             "auth": {"enabled": False},
             "max_inflight_jobs": 1,
-            "scheduling": {"max_preemptions_per_job": 1000},
+            "scheduling": {"max_preemptions_per_job": 100},
             "model": {"torch_threads": os.cpu_count()},
         }
     )
@@ -84,7 +84,7 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             p0, t0 = victim.progress, time.time()
-            time.sleep(1.0)
+            time.sleep(4.0)  # several steps, so the per-step time is not quantised by progress updates
             v = store.get(victim.id)
             if v.status.value != "running":
                 continue

@@ -11,6 +11,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from imagine.jobs.store import create_tables
+
 MAX_KEY_CHARS = 255
 
 idempotency_metadata = sa.MetaData()
@@ -63,7 +65,7 @@ class IdempotencyStore:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.engine = engine
         self.ttl_s = ttl_s
-        idempotency_metadata.create_all(engine)
+        create_tables(engine, idempotency_metadata)
 
     def reserve(self, conn: sa.Connection, tenant: str, key: str, body_hash: str, job_id: str, now: float) -> None:
         """Record `key` -> `job_id` in the caller's transaction. An expired record is forgotten first (expired

@@ -200,13 +200,26 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                 raise RuntimeError(f"could not add column jobs.{col.name}: {e}") from e
 
 
+def create_tables(engine: sa.Engine, meta: sa.MetaData, tables: list[sa.Table] | None = None) -> None:
+    """`create_all` that tolerates other processes creating the same tables at the same moment (every
+    replica of a fresh deployment opens the store at once): a lost race is retried, then it finds them."""
+    for attempt in range(5):
+        try:
+            meta.create_all(engine, tables=tables)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as e:
+            if "already exists" not in str(e) and "duplicate key" not in str(e) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class JobStore:
     """Jobs as rows; all transitions are atomic conditional updates."""
 
     def __init__(self, url: str, engine: sa.Engine | None = None):
         self.url = url
         self.engine = engine or make_engine(url)
-        metadata.create_all(self.engine)
+        create_tables(self.engine, metadata)
         _add_missing_columns(self.engine)
 
     def close(self) -> None:

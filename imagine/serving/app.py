@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 from ray import serve
@@ -24,11 +26,18 @@ from imagine.storage import open_artifact_store
 
 
 class IngressServer:
-    """FastAPI over `JobService`; nudges the scheduler when a job is queued."""
+    """FastAPI over `JobService`; nudges the scheduler when jobs are queued.
+
+    Nudges are coalesced: at most one scheduler call per `NUDGE_INTERVAL_S` however many jobs arrive
+    (the scheduler claims everything queued on a nudge), instead of one actor call per submission."""
+
+    NUDGE_INTERVAL_S = 0.02
 
     def __init__(self, config: AppConfig, scheduler: DeploymentHandle):
         self.config = config
         self.scheduler = scheduler
+        self._nudge_wanted = threading.Event()
+        self._nudger = asyncio.get_running_loop().create_task(self._send_nudges())
         preset = served_preset(config)
         self.service = JobService(
             config,
@@ -39,8 +48,15 @@ class IngressServer:
             notify=self._nudge,
         )
 
-    def _nudge(self) -> None:
-        self.scheduler.nudge.remote()
+    def _nudge(self) -> None:  # called from request threads
+        self._nudge_wanted.set()
+
+    async def _send_nudges(self) -> None:
+        while True:
+            await asyncio.sleep(self.NUDGE_INTERVAL_S)
+            if self._nudge_wanted.is_set():
+                self._nudge_wanted.clear()
+                self.scheduler.nudge.remote()
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - Serve hook returning the ASGI app
         return create_api(self.service)

@@ -83,9 +83,11 @@ class SchedulerServer:
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
-                deployment = status.applications[app].deployments["Denoiser"]
-                running = deployment.replica_states.get("RUNNING", 0)
-                self.dispatcher.set_capacity(max(1, running * per_replica))
+                application = status.applications.get(app)
+                deployment = application.deployments.get("Denoiser") if application else None
+                if deployment is not None:  # absent while the app is still being deployed
+                    running = deployment.replica_states.get("RUNNING", 0)
+                    self.dispatcher.set_capacity(max(1, running * per_replica))
             except Exception:  # status is advisory: keep the last capacity on a hiccup
                 logger.exception("could not read the denoiser replica count")
             await asyncio.sleep(1.0)
