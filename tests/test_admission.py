@@ -150,6 +150,7 @@ def test_start_deadline_expires_queued_jobs(env):
     body = env.client.get(f"/v1/videos/{late}", headers=headers).json()
     assert body["status"] == "expired" and body["finished_at"] == deadline + 1
     assert body["error"]["code"] == "start_deadline_exceeded"
+    assert body["usage"] == {"output_seconds": 0.0, "device_seconds": 0.0, "cost_usd": 0.0, "price_usd": 0.0}  # free
     statuses = {j: env.store.get(j).status for j in (started, patient, no_deadline)}
     assert statuses == {started: JobStatus.RUNNING, patient: JobStatus.QUEUED, no_deadline: JobStatus.QUEUED}
     assert env.store.claim(late) is None  # an expired job never runs
