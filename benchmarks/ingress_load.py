@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _local import local_service
 
 
 async def load(url: str, seconds: float, concurrency: int) -> tuple[list[str], list[float], int]:
@@ -62,36 +54,17 @@ def main() -> int:
     parser.add_argument("--ingress-replicas", type=int, default=1)
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    from imagine.config import AppConfig
     from imagine.jobs import JobNotFound, JobStore
-    from imagine.models.tiny import ensure_tiny_ltx2
-    from imagine.serving.app import build_app
 
-    home = tempfile.mkdtemp(prefix="imagine-load-")
-    ensure_tiny_ltx2(home)
-    port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     n = args.ingress_replicas
-    config = AppConfig.model_validate(
-        {
-            "home": home,
-            "auth": {"enabled": False},
-            "scheduling": {"paused": True},
-            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256, "autoscaling": {"min_replicas": n, "max_replicas": n}},
-        }
-    )
-    serve.run(build_app(config), name="imagine", route_prefix="/")
-    try:
+    overrides = {
+        "scheduling": {"paused": True},
+        "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256, "autoscaling": {"min_replicas": n, "max_replicas": n}},
+    }
+    with local_service(overrides) as (url, config):
         started = time.perf_counter()
-        accepted, latencies, errors = asyncio.run(load(f"http://127.0.0.1:{port}", args.seconds, args.concurrency))
+        accepted, latencies, errors = asyncio.run(load(url, args.seconds, args.concurrency))
         elapsed = time.perf_counter() - started
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     store = JobStore(config.resolved_database_url)
     lost = 0
     for job_id in accepted:

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _local import local_service
 
 
 def main() -> int:
@@ -35,31 +28,22 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    from imagine.config import AppConfig
     from imagine.jobs import JobStore
-    from imagine.models.tiny import ensure_tiny_ltx2
-    from imagine.serving.app import build_app
 
-    home = tempfile.mkdtemp(prefix="imagine-prio-")
-    ensure_tiny_ltx2(home)
-    port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = AppConfig.model_validate(
-        {
-            "home": home,
-            "auth": {"enabled": False},
-            "max_inflight_jobs": 1,
-            "scheduling": {"max_preemptions_per_job": 100},
-            "model": {"torch_threads": os.cpu_count()},
-        }
-    )
-    serve.run(build_app(config), name="imagine", route_prefix="/")
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    store = JobStore(config.resolved_database_url)
+    overrides = {
+        "max_inflight_jobs": 1,
+        "scheduling": {"max_preemptions_per_job": 100},
+        "model": {"torch_threads": os.cpu_count()},
+    }
+    with local_service(overrides) as (url, config):
+        waits, steps = run_trials(args, url, JobStore(config.resolved_database_url))
+    wait, step = statistics.median(waits), statistics.median(steps)
+    print(f"realtime_wait_over_step={wait / step:.3f} realtime_wait_s={wait:.3f} step_s={step:.3f}")
+    return 0
+
+
+def run_trials(args: argparse.Namespace, url: str, store) -> tuple[list[float], list[float]]:  # noqa: ANN001
+    http = httpx.Client(base_url=url, timeout=60)
     batch = {
         "prompt": "timelapse of clouds over mountains", "duration": args.duration,
         "resolution": args.resolution, "num_inference_steps": args.steps,
@@ -71,7 +55,8 @@ def main() -> int:
         resp.raise_for_status()
         return resp.json()["request_id"]
 
-    waits, steps = [], []
+    waits: list[float] = []
+    steps: list[float] = []
     try:
         batch_ids = [submit({**batch, "seed": i}, "batch") for i in range(args.batch_jobs)]
         print(f"queued {len(batch_ids)} batch jobs ({args.resolution}, {args.duration}s, {args.steps} steps)", flush=True)
@@ -102,11 +87,7 @@ def main() -> int:
             http.post(f"/v1/videos/{job_id}/cancel")
     finally:
         http.close()
-        serve.shutdown()
-        ray.shutdown()
-    wait, step = statistics.median(waits), statistics.median(steps)
-    print(f"realtime_wait_over_step={wait / step:.3f} realtime_wait_s={wait:.3f} step_s={step:.3f}")
-    return 0
+    return waits, steps
 
 
 def store_status(name: str):  # noqa: ANN201 - JobStatus, imported lazily with the rest

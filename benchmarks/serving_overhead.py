@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -20,12 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _local import local_service
 
 
 def main() -> int:
@@ -38,17 +32,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
     from imagine.client import ImagineClient
-    from imagine.config import AppConfig
     from imagine.models.tiny import ensure_tiny_ltx2
     from imagine.pipeline.generate import LocalGenerator
     from imagine.pipeline.mux import mux_mp4
     from imagine.pipeline.sizing import plan_video
     from imagine.pipeline.types import GenerationSpec
-    from imagine.serving.app import build_app
 
     home = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
     model_dir = ensure_tiny_ltx2(home)
@@ -77,37 +66,25 @@ def main() -> int:
             mux_mp4(media, Path(tmp) / "v.mp4")
         return time.perf_counter() - start
 
-    port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = AppConfig.model_validate(
-        {"home": str(home), "poll_interval_s": 0.5, "auth": {"enabled": False}, "model": {"torch_threads": args.threads}}
-    )
-    serve.run(build_app(config), name="imagine", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    client = ImagineClient(url)
+    overrides = {"poll_interval_s": 0.5, "model": {"torch_threads": args.threads}}
+    with local_service(overrides) as (url, _config), ImagineClient(url) as client:
 
-    def run_served() -> float:
-        start = time.perf_counter()
-        rid = client.generate(**body)
-        job = client.wait(rid)  # the job's SSE stream: no client polling load on the shared cores
-        if job["status"] != "done":
-            raise RuntimeError(f"served job ended {job['status']}: {job.get('error')}")
-        with tempfile.TemporaryDirectory() as tmp:
-            client.download(rid, Path(tmp) / "v.mp4")
-        return time.perf_counter() - start
+        def run_served() -> float:
+            start = time.perf_counter()
+            rid = client.generate(**body)
+            job = client.wait(rid)  # the job's SSE stream: no client polling load on the shared cores
+            if job["status"] != "done":
+                raise RuntimeError(f"served job ended {job['status']}: {job.get('error')}")
+            with tempfile.TemporaryDirectory() as tmp:
+                client.download(rid, Path(tmp) / "v.mp4")
+            return time.perf_counter() - start
 
-    try:
         run_inprocess(), run_served()  # warm-up both paths (first calls allocate, JIT, import)
         inproc, served = [], []
         for i in range(args.runs):
             inproc.append(run_inprocess())
             served.append(run_served())
             print(f"run {i + 1}/{args.runs}: inprocess_s={inproc[-1]:.3f} served_s={served[-1]:.3f}", flush=True)
-    finally:
-        client.close()
-        serve.shutdown()
-        ray.shutdown()
     y, z = statistics.median(inproc), statistics.median(served)
     print(
         f"clip: {plan.width}x{plan.height}, {plan.num_frames} frames, {args.steps} steps, CFG, threads={args.threads}, "

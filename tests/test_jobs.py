@@ -83,6 +83,14 @@ def test_cancel_paths(store):
         store.request_cancel(running)
 
 
+def test_running_cancel_then_mark_cancelled(store):
+    jid = _new(store)
+    job = store.claim_next()
+    store.request_cancel(jid)
+    assert store.mark_cancelled(jid, job.attempt) is True
+    assert store.get(jid).status == JobStatus.CANCELLED and store.get(jid).finished_at is not None
+
+
 def test_fail_records_error(store):
     jid = _new(store)
     job = store.claim_next()
