@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--ingress-replicas", type=int, default=1)
+    parser.add_argument("--no-access-log", action="store_true", help="turn off Serve's per-request log lines")
     args = parser.parse_args()
 
     from imagine.jobs import JobNotFound, JobStore
@@ -59,7 +61,10 @@ def main() -> int:
     n = args.ingress_replicas
     overrides = {
         "scheduling": {"paused": True},
-        "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256, "autoscaling": {"min_replicas": n, "max_replicas": n}},
+        "ingress": {
+            "num_cpus": 0.1, "max_ongoing_requests": 256, "access_log": not args.no_access_log,
+            "autoscaling": {"min_replicas": n, "max_replicas": n},
+        },
     }
     with local_service(overrides) as (url, config):
         started = time.perf_counter()
@@ -75,7 +80,8 @@ def main() -> int:
     latencies.sort()
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
-    print(f"concurrency={args.concurrency} ingress_replicas={n} seconds={elapsed:.1f} accepted={len(accepted)} "
+    print(f"concurrency={args.concurrency} ingress_replicas={n} haproxy={os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '0')} "
+          f"access_log={not args.no_access_log} seconds={elapsed:.1f} accepted={len(accepted)} "
           f"errors={errors} p50_ms={p50:.1f}")
     print(f"submissions_per_s={len(accepted) / elapsed:.1f} p99_ms={p99:.1f} lost={lost}")
     return 0

@@ -75,6 +75,7 @@ class DeploymentConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
     max_ongoing_requests: int = Field(1, ge=1, le=10_000, description="Concurrent requests per replica.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    access_log: bool = Field(True, description="Serve's per-request access log lines (off saves CPU at high rates).")
 
     def ray_actor_options(self) -> dict[str, Any]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -84,6 +85,7 @@ class DeploymentConfig(_Strict):
             "ray_actor_options": self.ray_actor_options(),
             "max_ongoing_requests": self.max_ongoing_requests,
             "autoscaling_config": self.autoscaling.model_dump(exclude_none=True),
+            "logging_config": {"enable_access_log": self.access_log},
         }
 
 

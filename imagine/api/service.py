@@ -278,7 +278,8 @@ class JobService:
             self.artifacts.put_bytes(params["image_key"], image_png)
         job.params = params
         try:
-            with self.store.engine.begin() as conn:  # all or nothing: a rejected request leaves no row
+            # all or nothing: a rejected request leaves no row
+            with self.store.write_guard(), self.store.engine.begin() as conn:
                 self.store.lock_for_admission(conn)
                 if options.idempotency_key is not None:
                     self.idempotency.reserve(conn, principal.tenant, options.idempotency_key, body_hash, job.id, now)
