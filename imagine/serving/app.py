@@ -70,7 +70,12 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Applicati
     """Serve application builder (`import_path: imagine.serving.app:build_app`); `args` are AppConfig fields."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     # fail fast in the caller's process on a bad preset name, not in every replica
-    served_preset(config)
+    preset = served_preset(config)
+    prices = config.accounting.price_per_second_usd.get(preset.name)
+    if prices is None or not {"480p", "720p"} <= set(prices):
+        raise ValueError(
+            f"accounting.price_per_second_usd must price model {preset.name!r} at 480p and 720p, got {prices!r}"
+        )
 
     encoder = _deployment(TextEncoderServer, "TextEncoder", config.text_encoder.serve_options()).bind(config)
     denoiser_opts = config.denoiser.serve_options()
