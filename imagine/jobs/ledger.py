@@ -258,18 +258,15 @@ class Ledger:
                 for grp, jobs, out, dev, cost, price in conn.execute(query)
             ]
 
+    def _sums(self, key: sa.Column, first: sa.Column, second: sa.Column) -> dict[str, tuple[float, float]]:
+        query = sa.select(key, sa.func.sum(first), sa.func.sum(second)).group_by(key)
+        with self.engine.connect() as conn:
+            return {k: (float(x), float(y)) for k, x, y in conn.execute(query)}
+
     def totals_by_device_type(self) -> dict[str, tuple[float, float]]:
         """{device_type: (device_seconds, cost_usd)} over the whole ledger (for /metrics)."""
-        query = sa.select(
-            usage_table.c.device_type, sa.func.sum(usage_table.c.device_seconds), sa.func.sum(usage_table.c.cost_usd)
-        ).group_by(usage_table.c.device_type)
-        with self.engine.connect() as conn:
-            return {device_type: (float(ds), float(cost)) for device_type, ds, cost in conn.execute(query)}
+        return self._sums(usage_table.c.device_type, usage_table.c.device_seconds, usage_table.c.cost_usd)
 
     def billed_totals_by_model(self) -> dict[str, tuple[float, float]]:
         """{model: (output_seconds, price_usd)} over all billed jobs (for /metrics)."""
-        query = sa.select(
-            billing_table.c.model, sa.func.sum(billing_table.c.output_seconds), sa.func.sum(billing_table.c.price_usd)
-        ).group_by(billing_table.c.model)
-        with self.engine.connect() as conn:
-            return {model: (float(out), float(price)) for model, out, price in conn.execute(query)}
+        return self._sums(billing_table.c.model, billing_table.c.output_seconds, billing_table.c.price_usd)
