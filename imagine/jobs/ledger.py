@@ -69,6 +69,19 @@ def device_type_of(device: str) -> str:
     return device.split(":", 1)[0]
 
 
+def _job_columns(job: JobRecord, now: float) -> dict[str, Any]:
+    """The columns every ledger and billing row carries about its job, stamped at `now`."""
+    return {
+        "job_id": job.id,
+        "tenant": job.tenant,
+        "model": job.model,
+        "tier": job.priority,
+        "resolution": str(job.params.get("resolution", "")),
+        "day": utc_day(now),
+        "created_at": now,
+    }
+
+
 class Ledger:
     """Exactly-once cost and price rows next to the jobs they are about (same engine, same metadata)."""
 
@@ -117,11 +130,7 @@ class Ledger:
         device_seconds = wall_s * devices
         now = time.time() if at is None else at
         values = {
-            "job_id": job.id,
-            "tenant": job.tenant,
-            "model": job.model,
-            "tier": job.priority,
-            "resolution": str(job.params.get("resolution", "")),
+            **_job_columns(job, now),
             "stage": stage,
             "attempt": attempt,
             "device_type": device_type,
@@ -129,8 +138,6 @@ class Ledger:
             "wall_s": wall_s,
             "device_seconds": device_seconds,
             "cost_usd": device_seconds * self.accounting.device_hour_usd[device_type] / 3600.0,
-            "day": utc_day(now),
-            "created_at": now,
         }
         return self._insert_ignore(usage_table, values, ["job_id", "stage", "attempt"])
 
@@ -152,18 +159,12 @@ class Ledger:
             raise ValueError(f"job {job.id} is {status}; only done jobs are billed")
         if output_seconds < 0:
             raise ValueError(f"output_seconds must be >= 0, got {output_seconds}")
-        resolution = str(job.params.get("resolution", ""))
         now = time.time() if at is None else at
+        columns = _job_columns(job, now)
         values = {
-            "job_id": job.id,
-            "tenant": job.tenant,
-            "model": job.model,
-            "tier": job.priority,
-            "resolution": resolution,
+            **columns,
             "output_seconds": output_seconds,
-            "price_usd": self.price_usd(job.model, resolution, output_seconds),
-            "day": utc_day(now),
-            "created_at": now,
+            "price_usd": self.price_usd(job.model, columns["resolution"], output_seconds),
         }
         return self._insert_ignore(billing_table, values, ["job_id"])
 

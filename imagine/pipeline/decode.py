@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagine.pipeline.types import DecodedMedia, Latents
+from imagine.pipeline.types import DecodedMedia, Latents, require_components
 
 DECODER_COMPONENTS = ["vae", "audio_vae", "vocoder"]
 
@@ -31,9 +31,7 @@ class DecoderStage:
     ):
         from diffusers.video_processor import VideoProcessor
 
-        missing = [name for name in DECODER_COMPONENTS if components.get(name) is None]
-        if missing:
-            raise ValueError(f"components: DecoderStage needs {DECODER_COMPONENTS}, missing {missing}")
+        require_components("DecoderStage", components, DECODER_COMPONENTS)
         if not 0.0 <= decode_timestep <= 1.0:
             raise ValueError(f"decode_timestep must be in [0, 1], got {decode_timestep}")
         self.device = torch.device(device)

@@ -23,6 +23,7 @@ from imagine.pipeline.types import (
     GenerationSpec,
     Latents,
     PromptEmbeddings,
+    require_components,
 )
 
 DENOISER_COMPONENTS = ["transformer", "scheduler", "vae", "audio_vae"]
@@ -57,9 +58,7 @@ class DenoiserStage:
     ):
         from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
-        missing = [name for name in DENOISER_COMPONENTS if components.get(name) is None]
-        if missing:
-            raise ValueError(f"components: DenoiserStage needs {DENOISER_COMPONENTS}, missing {missing}")
+        require_components("DenoiserStage", components, DENOISER_COMPONENTS)
         self.device = torch.device(device)
         self.dtype = dtype
         self.use_cross_timestep = use_cross_timestep

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from imagine.pipeline.types import PromptEmbeddings
+from imagine.pipeline.types import PromptEmbeddings, require_components
 
 TEXT_ENCODER_COMPONENTS = ["tokenizer", "text_encoder", "connectors"]
 
@@ -29,9 +29,7 @@ class TextEncoderStage:
     ):
         from diffusers import LTX2Pipeline
 
-        missing = [name for name in TEXT_ENCODER_COMPONENTS if components.get(name) is None]
-        if missing:
-            raise ValueError(f"components: TextEncoderStage needs {TEXT_ENCODER_COMPONENTS}, missing {missing}")
+        require_components("TextEncoderStage", components, TEXT_ENCODER_COMPONENTS)
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         self.device = torch.device(device)

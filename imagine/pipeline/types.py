@@ -14,6 +14,13 @@ import PIL.Image
 import torch
 
 
+def require_components(stage: str, components: dict[str, Any], names: list[str]) -> None:
+    """Raise naming what is missing when a stage is built without a component it needs."""
+    missing = [name for name in names if components.get(name) is None]
+    if missing:
+        raise ValueError(f"components: {stage} needs {names}, missing {missing}")
+
+
 def _tensors_to_cpu(obj: Any) -> Any:
     """A shallow copy of dataclass `obj` whose tensor fields (and nested stage dataclasses) are on the CPU."""
     changes: dict[str, Any] = {}
