@@ -89,6 +89,62 @@ class DeploymentConfig(_Strict):
         }
 
 
+class ParallelConfig(_Strict):
+    """Devices one denoiser replica spans: `sequence` x `tensor` ranks on ONE node (STRICT_PACK placement)."""
+
+    sequence: int = Field(1, ge=1, le=64, description="Ulysses sequence-parallel degree (video tokens split N ways).")
+    tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (weights split M ways).")
+    cpus_per_rank: float = Field(0.25, ge=0, description="CPUs reserved per rank worker.")
+    timeout_s: float = Field(
+        120.0, gt=0, description="Collective timeout: a rank stuck this long fails the job instead of hanging."
+    )
+
+    @property
+    def degree(self) -> int:
+        return self.sequence * self.tensor
+
+
+class DenoiserConfig(DeploymentConfig):
+    """A denoiser deployment: resources, scaling and its parallel degree. With a degree > 1 the replica
+    reserves one GPU bundle per rank (`num_gpus` then applies per rank, not to the replica)."""
+
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Ranks per replica.")
+
+
+class RoutingConfig(_Strict):
+    """Per-device budget the router checks a request's token count against (see `imagine.parallel.routing`)."""
+
+    device_memory_gib: float = Field(80.0, gt=0, description="Memory of one device.")
+    reserve_gib: float = Field(4.0, ge=0, description="Memory kept free per device (context, allocator, latents).")
+    peak_tflops: float = Field(989.0, gt=0, description="Device peak bf16 TFLOP/s (H100 SXM: 989).")
+    mfu: float = Field(0.4, gt=0, le=1, description="Assumed model FLOPs utilisation.")
+    link_gbps: float = Field(300.0, gt=0, description="Intra-node link GB/s per direction (all-to-all cost).")
+    max_denoise_s: float | None = Field(
+        None, gt=0, description="Latency budget of one sampling loop; None = route on memory alone."
+    )
+
+
+class EditConfig(_Strict):
+    """Instruction editing of videos: the masked video diffusion model, grounding and input limits."""
+
+    enabled: bool = Field(True, description="Serve `POST /v1/videos/edits` (loads the edit and grounding models).")
+    preset: str = Field("tiny-vace", description="Masked video diffusion preset (family wan_vace).")
+    source: str | None = Field(None, description="Override of the edit preset's weight location.")
+    grounding_source: str = Field(
+        "builtin:tiny-grounding",
+        description="GroundingDINO + SAM2 weights: `builtin:tiny-grounding` (random-init) or a local directory.",
+    )
+    max_source_s: float = Field(8.7, gt=0, le=120, description="Longest source video an edit accepts.")
+    max_source_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest uploaded source video.")
+    max_source_pixels: int = Field(1280 * 720, ge=1, description="Largest source frame (width x height).")
+    default_steps: int = Field(20, ge=1, le=200, description="Denoising steps of an edit when the request gives none.")
+    guidance_scale: float = Field(5.0, ge=1.0, le=20.0, description="CFG scale of the inpainting model.")
+    dilate_px: int = Field(8, ge=0, le=256, description="Masks grow by this many pixels before repainting.")
+    mp4_crf: int = Field(
+        12, ge=0, le=51, description="x264 CRF of edit outputs: low, so unedited pixels survive re-encoding."
+    )
+
+
 class LimitsConfig(_Strict):
     """Input limits enforced by the API (4xx past them)."""
 
@@ -200,8 +256,18 @@ class AppConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=_ingress_default, description="HTTP ingress.")
     scheduler: DeploymentConfig = Field(default_factory=_scheduler_default, description="Job dispatcher.")
     text_encoder: DeploymentConfig = Field(default_factory=_stage_default, description="Prompt encoder.")
-    denoiser: DeploymentConfig = Field(default_factory=_stage_default, description="Sampling loop.")
+    denoiser: DenoiserConfig = Field(default_factory=lambda: DenoiserConfig(**_stage_default().model_dump()),
+                                     description="Sampling loop (the default pool, `denoiser`).")
+    denoiser_variants: dict[str, DenoiserConfig] = Field(
+        default_factory=dict,
+        description="More denoiser deployments of other parallel degrees, by pool name (e.g. `sp4`); each request "
+        "goes to the smallest one that fits (`routing`).",
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Budget for routing long clips.")
     decoder: DeploymentConfig = Field(default_factory=_stage_default, description="VAE decode + mux + store.")
+    edit: EditConfig = Field(default_factory=EditConfig, description="Instruction editing.")
+    grounder: DeploymentConfig = Field(default_factory=_stage_default, description="Detector + SAM2 video masks.")
+    editor: DeploymentConfig = Field(default_factory=_stage_default, description="Masked video diffusion + mux.")
 
     @field_validator("home", "artifacts_dir", mode="after")
     @classmethod
@@ -214,6 +280,21 @@ class AppConfig(_Strict):
         if self.denoiser.autoscaling.min_replicas < 1:
             raise ValueError("denoiser.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)")
         return self
+
+    @field_validator("denoiser_variants")
+    @classmethod
+    def _check_variants(cls, value: dict[str, DenoiserConfig]) -> dict[str, DenoiserConfig]:
+        for name in value:
+            if name in ("denoiser", "editor") or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(
+                    f"denoiser_variants: pool name {name!r} must be alphanumeric (with - or _) and not "
+                    "'denoiser' or 'editor'"
+                )
+        return value
+
+    def denoiser_pools(self) -> dict[str, DenoiserConfig]:
+        """Every denoiser deployment by pool name, the default `denoiser` first."""
+        return {"denoiser": self.denoiser, **self.denoiser_variants}
 
     @property
     def resolved_database_url(self) -> str:

@@ -253,3 +253,51 @@ def test_no_preemption_when_disabled_or_not_outranked(store):
         loop_task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_retry_requeues_until_max_attempts(store):
+    jid = _new(store)
+    job = store.claim(jid)
+    assert store.retry(jid, job.attempt, max_attempts=2)
+    rec = store.get(jid)
+    assert rec.status == JobStatus.QUEUED and rec.started_at is None
+    job = store.claim(jid)
+    assert job.attempt == 2
+    assert not store.retry(jid, job.attempt, max_attempts=2)  # out of attempts: the caller fails it
+    assert store.get(jid).status == JobStatus.RUNNING
+    assert not store.retry(jid, 1, max_attempts=5)  # a stale attempt changes nothing
+
+
+def test_dispatcher_pools_wait_for_capacity_without_blocking_others(store):
+    """A job for a pool with no slots (its parallel replica cannot be placed yet) stays queued, and the
+    same tenant's job for another pool still runs; when the pool gets a slot, the job starts."""
+    big = store.create(NewJob(kind="generation", model="tiny", params={}, pool="sp4")).id
+    small = store.create(NewJob(kind="generation", model="tiny", params={})).id
+
+    async def scenario() -> None:
+        started: list[str] = []
+
+        async def run_job(job, release_slot):
+            started.append(job.id)
+            store.complete(job.id, job.attempt, {})
+
+        d = Dispatcher(store, run_job, capacity={"denoiser": 1, "sp4": 0}, poll_interval_s=0.02)
+        loop_task = asyncio.create_task(d.run_forever())
+        for _ in range(500):
+            if small in started:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert started == [small]
+        assert store.get(big).status == JobStatus.QUEUED and store.get(big).pool == "sp4"
+        d.set_capacity(1, pool="sp4")
+        for _ in range(500):
+            if big in started:
+                break
+            await asyncio.sleep(0.01)
+        await d.stop()
+        loop_task.cancel()
+        assert started == [small, big]
+
+    asyncio.run(scenario())
+    assert store.get(big).status == JobStatus.DONE

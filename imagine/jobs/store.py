@@ -46,8 +46,11 @@ jobs_table = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("api_key_id", sa.String(64), nullable=True),  # the API key that created the job (None: auth off)
     sa.Column("deadline_at", sa.Float, nullable=True),  # X-Start-Deadline: expire if still queued after this
+    # which deployment's slots the job needs: "denoiser", a parallel variant ("sp4"), "editor"
+    sa.Column("pool", sa.String(64), nullable=False, default="denoiser"),
     sa.Index("ix_jobs_status_created", "status", "created_at"),
     sa.Index("ix_jobs_queue_heads", "status", "tenant", "priority", "created_at"),
+    sa.Index("ix_jobs_queue_heads_pool", "status", "pool", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_tenant_created", "tenant", "created_at"),
     sa.Index("ix_jobs_api_key_status", "api_key_id", "status"),
 )
@@ -111,6 +114,7 @@ class JobRecord:
     updated_at: float
     api_key_id: str | None = None
     deadline_at: float | None = None
+    pool: str = "denoiser"
 
 
 @dataclass
@@ -123,6 +127,7 @@ class NewJob:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     api_key_id: str | None = None
     deadline_at: float | None = None
+    pool: str = "denoiser"
 
 
 def _row_to_record(row: sa.Row) -> JobRecord:
@@ -149,6 +154,7 @@ def _row_to_record(row: sa.Row) -> JobRecord:
         updated_at=m["updated_at"],
         api_key_id=m["api_key_id"],
         deadline_at=m["deadline_at"],
+        pool=m["pool"],
     )
 
 
@@ -281,6 +287,7 @@ class JobStore:
             updated_at=now,
             api_key_id=job.api_key_id,
             deadline_at=job.deadline_at,
+            pool=job.pool,
         )
         conn.execute(sa.insert(jobs_table).values(**values))
 
@@ -395,19 +402,28 @@ class JobStore:
                 return claimed
         return None
 
-    def queue_heads(self) -> list[tuple[str, str, str, float]]:
-        """(id, tenant, priority, created_at) of each tenant's oldest queued job in each tier: all a
-        FIFO-within-tenant policy needs to choose, however long the queue (one grouped query)."""
+    def queue_heads(self) -> list[tuple[str, str, str, float, str]]:
+        """(id, tenant, priority, created_at, pool) of each tenant's oldest queued job in each tier and pool:
+        all a FIFO-within-tenant policy needs to choose, however long the queue (one grouped query). Heads are
+        per pool so a job waiting for a busy (or unplaceable) pool never blocks the same tenant's other work."""
         j = jobs_table
         heads = (
-            sa.select(j.c.tenant, j.c.priority, sa.func.min(j.c.created_at).label("oldest"))
+            sa.select(j.c.tenant, j.c.priority, j.c.pool, sa.func.min(j.c.created_at).label("oldest"))
             .where(j.c.status == JobStatus.QUEUED.value)
-            .group_by(j.c.tenant, j.c.priority)
+            .group_by(j.c.tenant, j.c.priority, j.c.pool)
             .subquery()
         )
         query = (
-            sa.select(j.c.id, j.c.tenant, j.c.priority, j.c.created_at)
-            .join(heads, sa.and_(j.c.tenant == heads.c.tenant, j.c.priority == heads.c.priority, j.c.created_at == heads.c.oldest))
+            sa.select(j.c.id, j.c.tenant, j.c.priority, j.c.created_at, j.c.pool)
+            .join(
+                heads,
+                sa.and_(
+                    j.c.tenant == heads.c.tenant,
+                    j.c.priority == heads.c.priority,
+                    j.c.pool == heads.c.pool,
+                    j.c.created_at == heads.c.oldest,
+                ),
+            )
             .where(j.c.status == JobStatus.QUEUED.value)
         )
         with self.engine.connect() as conn:
@@ -513,6 +529,17 @@ class JobStore:
             (JobStatus.RUNNING,),
             {"status": JobStatus.FAILED.value, "error": json.dumps(error), "finished_at": time.time()},
             attempt,
+        )
+
+    def retry(self, job_id: str, attempt: int, max_attempts: int) -> bool:
+        """running -> queued after an infrastructure failure (a parallel rank died), while the job has had fewer
+        than `max_attempts` dispatches; it keeps its created_at and checkpoint. False: fail it instead."""
+        return self._transition(
+            job_id,
+            (JobStatus.RUNNING,),
+            {"status": JobStatus.QUEUED.value, "started_at": None, "preempt_requested": False},
+            attempt,
+            extra=[jobs_table.c.attempt < max_attempts, jobs_table.c.cancel_requested.is_(False)],
         )
 
     def mark_cancelled(self, job_id: str, attempt: int) -> bool:

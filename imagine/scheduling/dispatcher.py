@@ -6,6 +6,11 @@ A job holds a denoiser *slot* from its claim until `release()` (called by `run_j
 loop is over or was paused), so the next job starts denoising while the previous one is decoded.
 When every slot runs lower-tier work and a higher-tier job waits, one running job is asked to pause
 at its next step boundary (`JobStore.request_preempt`); it checkpoints, re-queues and resumes later.
+
+Slots come in *pools*, one per deployment a job may need (`denoiser`, a parallel variant such as `sp4`,
+`editor`); a job's pool is fixed when it is created (`JobRecord.pool`). A pool whose replicas are not up
+(or cannot be placed) has no slots, so its jobs stay queued -- never failed -- until capacity appears, and
+they do not block other pools' jobs.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ RunJob = Callable[[JobRecord, Callable[[], None]], Awaitable[None]]
 FAIRNESS_MEMORY_S = 3600.0
 
 
+DEFAULT_POOL = "denoiser"
+
+
 @dataclass
 class _Slot:
     job_id: str
     tier: str
     started: float
+    pool: str = DEFAULT_POOL
     preempting: bool = False
 
 
@@ -39,7 +48,7 @@ class Dispatcher:
         self,
         store: JobStore,
         run_job: RunJob,
-        capacity: int,
+        capacity: int | dict[str, int],
         poll_interval_s: float = 0.5,
         policy: FairSharePolicy | None = None,
         preemption: bool = False,
@@ -47,11 +56,13 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         paused: bool = False,
     ):
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        capacities = capacity if isinstance(capacity, dict) else {DEFAULT_POOL: capacity}
+        for pool, n in capacities.items():
+            if n < 0:
+                raise ValueError(f"capacity[{pool!r}] must be >= 0, got {n}")
         self.store = store
         self.run_job = run_job
-        self.capacity = capacity
+        self.capacities: dict[str, int] = dict(capacities)
         self.poll_interval_s = poll_interval_s
         self.policy = policy or FairSharePolicy(aging_s=300.0)
         self.preemption = preemption
@@ -69,14 +80,26 @@ class Dispatcher:
         return list(self._tasks)
 
     @property
+    def capacity(self) -> int:
+        """Slots over all pools."""
+        return sum(self.capacities.values())
+
+    @property
     def busy_slots(self) -> int:
         return len(self._slots)
 
-    def set_capacity(self, capacity: int) -> None:
-        """Denoiser replicas came or went: dispatch against the new number of slots."""
-        if capacity != self.capacity:
-            logger.info("dispatch capacity %d -> %d", self.capacity, capacity)
-            self.capacity = max(1, capacity)
+    def busy(self, pool: str) -> int:
+        return sum(1 for s in self._slots.values() if s.pool == pool)
+
+    def free(self, pool: str, pending: int = 0) -> int:
+        return self.capacities.get(pool, 0) - self.busy(pool) - pending
+
+    def set_capacity(self, capacity: int, pool: str = DEFAULT_POOL) -> None:
+        """A pool's replicas came or went: dispatch against its new number of slots (0: its jobs wait)."""
+        capacity = max(0, capacity)
+        if capacity != self.capacities.get(pool):
+            logger.info("dispatch capacity of pool %s: %s -> %d", pool, self.capacities.get(pool), capacity)
+            self.capacities[pool] = capacity
             self._wake.set()
 
     def nudge(self) -> None:
@@ -92,12 +115,16 @@ class Dispatcher:
         return n
 
     def _queue(self) -> list[QueuedJob]:
-        return [QueuedJob(id=i, tenant=t, tier=p, created_at=c) for i, t, p, c in self.store.queue_heads()]
+        return [
+            QueuedJob(id=i, tenant=t, tier=p, created_at=c, pool=pool) for i, t, p, c, pool in self.store.queue_heads()
+        ]
 
-    def _claim_best(self) -> JobRecord | None:
-        """Claim the policy's choice; a lost race (cancelled or claimed meanwhile) just tries again."""
+    def _claim_best(self, pending: dict[str, int]) -> JobRecord | None:
+        """Claim the policy's choice among jobs whose pool has a free slot; a lost race (cancelled or claimed
+        meanwhile) just tries again."""
         for _ in range(8):
-            choice = self.policy.pick(self._queue(), self.clock())
+            startable = [q for q in self._queue() if self.free(q.pool, pending.get(q.pool, 0)) > 0]
+            choice = self.policy.pick(startable, self.clock())
             if choice is None:
                 return None
             job = self.store.claim(choice.id)
@@ -107,17 +134,19 @@ class Dispatcher:
         return None
 
     def _maybe_preempt(self) -> str | None:
-        """All slots busy: if the best waiting job outranks the lowest running one, ask that one to pause."""
-        if not self.preemption or len(self._slots) < self.capacity:
+        """A pool's slots all busy: if the best job waiting for it outranks its lowest running one, ask that one
+        to pause (a job waiting for a pool with no slots at all preempts nothing: it waits for capacity)."""
+        if not self.preemption:
             return None
         if any(s.preempting for s in self._slots.values()):
             return None  # one pause at a time: the freed slot goes to the waiting job first
-        waiting = self.policy.pick(self._queue(), self.clock())
+        full = [q for q in self._queue() if self.capacities.get(q.pool, 0) > 0 and self.free(q.pool) <= 0]
+        waiting = self.policy.pick(full, self.clock())
         if waiting is None:
             return None
         waiting_rank = self.policy.effective_rank(waiting, self.clock())
         victims = sorted(
-            (s for s in self._slots.values() if tier_rank(s.tier) > waiting_rank),
+            (s for s in self._slots.values() if s.pool == waiting.pool and tier_rank(s.tier) > waiting_rank),
             key=lambda s: (-tier_rank(s.tier), -s.started),  # lowest tier, then the most recently started
         )
         for slot in victims:
@@ -131,11 +160,13 @@ class Dispatcher:
         """One synchronous pass (runs in a worker thread): expire, claim while slots are free, preempt."""
         self.store.expire_overdue(self.clock())
         claimed: list[JobRecord] = []
-        while len(self._slots) + len(claimed) < self.capacity and not self._stopped and not self.paused:
-            job = self._claim_best()
+        pending: dict[str, int] = {}  # claimed in this pass, slots not taken yet
+        while not self._stopped and not self.paused:
+            job = self._claim_best(pending)
             if job is None:
                 break
             claimed.append(job)
+            pending[job.pool] = pending.get(job.pool, 0) + 1
         if not claimed:
             self._maybe_preempt()
         return claimed
@@ -144,7 +175,7 @@ class Dispatcher:
         """Claim and start jobs while slots are free; returns how many started."""
         claimed = await asyncio.to_thread(self._fill)
         for job in claimed:
-            self._slots[job.id] = _Slot(job.id, job.priority, self.clock())
+            self._slots[job.id] = _Slot(job.id, job.priority, self.clock(), job.pool)
             self._tasks[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
         return len(claimed)
 

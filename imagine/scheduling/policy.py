@@ -33,6 +33,7 @@ class QueuedJob:
     tenant: str
     tier: str
     created_at: float
+    pool: str = "denoiser"
 
 
 class FairSharePolicy:
