@@ -202,7 +202,12 @@ class AccountingConfig(_Strict):
         description="$ per device-hour by device type (the device string's kind: cpu, cuda, ...).",
     )
     price_per_second_usd: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: {"tiny": {"480p": 0.0, "720p": 0.0}, "ltx-2": {"480p": 0.05, "720p": 0.10}},
+        default_factory=lambda: {
+            "tiny": {"480p": 0.0, "720p": 0.0},
+            "ltx-2": {"480p": 0.05, "720p": 0.10},
+            "tiny-vace": {"480p": 0.0, "720p": 0.0},
+            "wan-vace": {"480p": 0.04, "720p": 0.08},
+        },
         description="Price per output second (audio included) by model and resolution.",
     )
 

@@ -17,6 +17,7 @@ from imagine.api.errors import ApiError, install_error_handlers
 from imagine.api.ops import create_ops_router
 from imagine.api.schemas import (
     CreatedResponse,
+    EditRequest,
     GenerationRequest,
     JobResponse,
     ModelInfo,
@@ -98,6 +99,30 @@ def create_api(service: JobService) -> FastAPI:
             start_deadline_s=parse_start_deadline(start_deadline),
         )
         created = service.create_generation(body, principal, options)
+        if created.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return CreatedResponse(request_id=created.job.id)
+
+    @app.post(
+        "/v1/videos/edits", status_code=202, tags=["videos"], response_model=CreatedResponse,
+        responses={**_ERROR_RESPONSES, 413: {"description": "Source or mask too large"}, 429: {"description": "A limit was hit"}},
+    )
+    def create_edit(
+        body: EditRequest,
+        response: Response,
+        principal: Principal = Caller,
+        priority: str | None = Header(None, alias="X-Priority", description="realtime | standard | batch (capped at the key's tier)."),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="Same key + same body -> the same job."),
+        start_deadline: str | None = Header(None, alias="X-Start-Deadline", description="Seconds; still queued then -> expired."),
+    ) -> CreatedResponse:
+        """Edit a clip by instruction ("remove the man in the background", "add a tree on the left") or by an
+        explicit mask; the result keeps the source's frames, fps, size and audio track."""
+        options = CreateOptions(
+            priority=parse_priority(priority),
+            idempotency_key=parse_idempotency_key(idempotency_key),
+            start_deadline_s=parse_start_deadline(start_deadline),
+        )
+        created = service.create_edit(body, principal, options)
         if created.replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return CreatedResponse(request_id=created.job.id)

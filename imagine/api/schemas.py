@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagine.pipeline.sizing import ASPECT_RATIOS, RESOLUTIONS
 
@@ -39,6 +39,57 @@ class GenerationRequest(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+
+Box = tuple[float, float, float, float]
+
+
+class MaskSpec(BaseModel):
+    """Where to edit, instead of (or besides) words. Exactly one of the fields. Boxes are `[x0, y0, x1, y1]` in
+    source pixels; a mask video is white (> 50% luma) where the clip is repainted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    boxes: list[Box] | None = Field(None, description="Boxes applied to every frame.", max_length=64)
+    frames: dict[int, list[Box]] | None = Field(
+        None, description="Per-frame boxes: frame index -> boxes; frames not listed are not edited.", max_length=10_000
+    )
+    video_url: str | None = Field(None, description="Mask video as a data URI, same size and frame count as the source.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "MaskSpec":
+        given = [name for name in ("boxes", "frames", "video_url") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of boxes, frames, video_url (got {', '.join(given) or 'none'})")
+        if self.boxes is not None and not self.boxes:
+            raise ValueError("boxes must not be empty")
+        return self
+
+
+class EditRequest(BaseModel):
+    """`POST /v1/videos/edits`: an instruction applied to an existing clip (ours by id, or uploaded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        ..., description="The instruction: 'remove the man in the background', 'add a tree on the left', "
+        "'replace the car with a red bus', '移除背景中走过的行人'.", max_length=100_000
+    )
+    video_id: str | None = Field(None, description="A done job of yours whose video is edited.", max_length=64)
+    video_url: str | None = Field(None, description="The source video as a data URI (data:video/mp4;base64,...).")
+    mask: MaskSpec | None = Field(None, description="Explicit region: skips grounding.")
+    model: str | None = Field(None, description="Edit model preset; default: the server's edit model.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="RNG seed; random when omitted (and reported).")
+    negative_prompt: str | None = Field(None, description="What to steer away from.", max_length=100_000)
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="Denoising steps (1-100).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Classifier-free guidance (1-20).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: say what to change, e.g. 'remove the dog'")
         return value
 
 

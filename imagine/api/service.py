@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from imagine.api.auth import Principal, local_principal
 from imagine.api.errors import ApiError, rate_limited
 from imagine.api.schemas import (
+    EditRequest,
     ErrorInfo,
     GenerationRequest,
     JobResponse,
@@ -51,6 +52,14 @@ BUSY_RETRY_AFTER_S = 10
 
 def input_image_key(job_id: str) -> str:
     return f"inputs/{job_id}/image.png"
+
+
+def input_source_key(job_id: str) -> str:
+    return f"inputs/{job_id}/source.mp4"
+
+
+def input_mask_key(job_id: str) -> str:
+    return f"inputs/{job_id}/mask.mp4"
 
 
 def output_video_key(job_id: str) -> str:
@@ -151,6 +160,8 @@ class JobService:
         notify: Callable[[], None] | None = None,
         keys: KeyStore | None = None,
         idempotency: IdempotencyStore | None = None,
+        edit_presets: dict[str, ModelPreset] | None = None,
+        router: Callable[[dict], str] | None = None,
     ):
         if default_model not in presets:
             raise ValueError(f"default_model {default_model!r} is not among the served presets {sorted(presets)}")
@@ -163,6 +174,11 @@ class JobService:
         self.notify = notify or (lambda: None)
         self.keys = keys or KeyStore(store.engine)
         self.idempotency = idempotency or IdempotencyStore(store.engine, config.auth.idempotency_ttl_s)
+        # edits are served when the app serves an edit model (None: POST /v1/videos/edits answers 404)
+        self.edit_presets = edit_presets
+        self.default_edit_model = next(iter(edit_presets)) if edit_presets else None
+        # generation params -> denoiser pool (None: every job to the default `denoiser` pool)
+        self.router = router
 
     # -- models ----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -273,12 +289,31 @@ class JobService:
             "num_frames": plan.num_frames,
             "image_key": None,
         }
+        if self.router is not None:
+            from imagine.parallel.routing import NoFittingDenoiser
+
+            try:
+                job.pool = self.router(params)
+            except NoFittingDenoiser as e:
+                raise ApiError(413, "clip_too_large", str(e), "duration") from e
         if image_png is not None:
             params["image_key"] = input_image_key(job.id)
             self.artifacts.put_bytes(params["image_key"], image_png)
         job.params = params
+        return self._insert(job, principal, options, body_hash, now, lambda: self._discard_inputs(params))
+
+    def _insert(
+        self,
+        job: NewJob,
+        principal: Principal,
+        options: CreateOptions,
+        body_hash: str | None,
+        now: float,
+        discard: Callable[[], None],
+    ) -> Created:
+        """Insert `job` with its Idempotency-Key and admission checks in ONE transaction (all or nothing: a
+        rejected request leaves no row; `discard` removes the inputs it stored)."""
         try:
-            # all or nothing: a rejected request leaves no row
             with self.store.write_guard(), self.store.engine.begin() as conn:
                 self.store.lock_for_admission(conn)
                 if options.idempotency_key is not None:
@@ -286,10 +321,10 @@ class JobService:
                 self.store.insert(conn, job, now)
                 self._admit(conn, principal, job, now)
         except ApiError:
-            self._discard_inputs(params)
+            discard()
             raise
         except IdempotencyKeyInUse as e:
-            self._discard_inputs(params)
+            discard()
             # a concurrent duplicate committed first: answer with its job (it is live: it just committed)
             replay = self._replay(principal, options.idempotency_key, body_hash, time.time())
             if replay is None:
@@ -300,6 +335,93 @@ class JobService:
             return replay
         self.notify()
         return Created(self.store.get(job.id), replayed=False)
+
+    # -- edits -----------------------------------------------------------------------------
+    def create_edit(
+        self, req: EditRequest, principal: Principal | None = None, options: CreateOptions | None = None
+    ) -> Created:
+        """Validate the source, mask and instruction; store the inputs; insert an `edit` job (pool `editor`)."""
+        from imagine.api import edits
+
+        if self.edit_presets is None:
+            raise ApiError(404, "edits_disabled", "video edits are not enabled on this server", "prompt")
+        principal = principal or local_principal(self.config.auth)
+        options = options or CreateOptions()
+        body_hash = None
+        if options.idempotency_key is not None:
+            body_hash = body_fingerprint(req.model_dump(mode="json", exclude_unset=True))
+            replay = self._replay(principal, options.idempotency_key, body_hash, time.time())
+            if replay is not None:
+                return replay
+        cfg = self.config.edit
+        if len(req.prompt) > self.config.limits.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"prompt is over {self.config.limits.max_prompt_chars} characters", "prompt")
+        if req.negative_prompt is not None and len(req.negative_prompt) > self.config.limits.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"negative_prompt is over {self.config.limits.max_prompt_chars} characters", "negative_prompt")
+        if (req.video_id is None) == (req.video_url is None):
+            raise ApiError(422, "invalid_parameter", "give exactly one of video_id (a done job) or video_url (a data URI)", "video_id")
+        name = req.model or self.default_edit_model
+        if name not in self.edit_presets:
+            raise ApiError(400, "model_not_found", f"edit model {name!r} is not served here; available: {sorted(self.edit_presets)}", "model")
+        preset = self.edit_presets[name]
+        instruction = edits.instruction_params(req)
+
+        uploaded: bytes | None = None
+        if req.video_id is not None:
+            source_job = self.get(req.video_id, principal.tenant)
+            if source_job.status != JobStatus.DONE or not source_job.result:
+                raise ApiError(409, "video_not_ready", f"job {req.video_id} is {source_job.status.value}; only done videos can be edited", "video_id")
+            r = source_job.result
+            info = edits.SourceInfo(r["width"], r["height"], r["num_frames"], r["fps"], r["num_frames"] / r["fps"], r.get("has_audio", True))
+            field = "video_id"
+        else:
+            uploaded = edits.decode_video_data_uri(req.video_url, "video_url", cfg.max_source_bytes)
+            info = edits.probe_video(uploaded, "video_url")
+            field = "video_url"
+        edits.check_source_limits(info, field, cfg)
+        mask_params, mask_video = edits.check_mask(req.mask, info, cfg.max_source_bytes) if req.mask else (None, None)
+
+        now = time.time()
+        job = NewJob(
+            kind="edit", model=name, params={}, tenant=principal.tenant, pool="editor",
+            priority=principal.cap_priority(options.priority), api_key_id=principal.key_id,
+            deadline_at=now + options.start_deadline_s if options.start_deadline_s is not None else None,
+        )
+        params = {
+            "prompt": req.prompt,
+            "instruction": instruction,
+            "negative_prompt": req.negative_prompt or "",
+            "seed": req.seed if req.seed is not None else random.SystemRandom().randrange(0, 2**32),
+            "num_inference_steps": req.num_inference_steps or cfg.default_steps,
+            "guidance_scale": req.guidance_scale if req.guidance_scale is not None else cfg.guidance_scale,
+            "source_job_id": req.video_id,
+            "source_key": source_job.result["artifact_key"] if req.video_id is not None else input_source_key(job.id),
+            "width": info.width,
+            "height": info.height,
+            "num_frames": info.num_frames,
+            "fps": info.fps,
+            "duration": info.duration_s,
+            "resolution": info.resolution,
+            "source_has_audio": info.has_audio,
+            "mask": mask_params,
+            "mask_key": input_mask_key(job.id) if mask_video is not None else None,
+            "image_key": None,
+        }
+        del preset  # one family today (wan_vace); the editor replica loads it
+        stored = []
+        if uploaded is not None:
+            self.artifacts.put_bytes(params["source_key"], uploaded)
+            stored.append(params["source_key"])
+        if mask_video is not None:
+            self.artifacts.put_bytes(params["mask_key"], mask_video)
+            stored.append(params["mask_key"])
+        job.params = params
+
+        def discard() -> None:
+            for key in stored:
+                self.artifacts.delete(key)
+
+        return self._insert(job, principal, options, body_hash, now, discard)
 
     def _discard_inputs(self, params: dict) -> None:
         if params["image_key"] is not None:
@@ -371,8 +493,10 @@ class JobService:
                 duration=r["duration_s"], width=r["width"], height=r["height"], fps=r["fps"], has_audio=r.get("has_audio", True),
             )
         error = ErrorInfo(**job.error) if job.error else None
-        request = {k: v for k, v in job.params.items() if k != "image_key"}
-        request["has_image"] = bool(job.params.get("image_key"))
+        internal = ("image_key", "source_key", "mask_key")  # artifact keys are ours, not the client's
+        request = {k: v for k, v in job.params.items() if k not in internal}
+        if job.kind == "generation":
+            request["has_image"] = bool(job.params.get("image_key"))
         return JobResponse(
             id=job.id, request_id=job.id, kind=job.kind, model=job.model, priority=job.priority, status=job.status.value,
             progress=round(job.progress, 4), created_at=job.created_at, started_at=job.started_at,
