@@ -192,6 +192,9 @@ class SchedulingConfig(_Strict):
     preemption: bool = Field(True, description="Pause lower-tier denoising at a step boundary for waiting higher tiers.")
     paused: bool = Field(False, description="Accept and queue jobs but start none (maintenance, load tests).")
     max_preemptions_per_job: int = Field(2, ge=0, le=100, description="A job is never paused more often than this.")
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Dispatches of a job whose parallel replica lost a rank before it is failed."
+    )
 
 
 class AccountingConfig(_Strict):
@@ -282,8 +285,12 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _check_denoiser_min(self) -> "AppConfig":
         # the denoiser scales on metrics its replicas export: with zero replicas nobody would report demand
-        if self.denoiser.autoscaling.min_replicas < 1:
-            raise ValueError("denoiser.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)")
+        for name, pool in self.denoiser_pools().items():
+            if pool.autoscaling.min_replicas < 1:
+                where = "denoiser" if name == "denoiser" else f"denoiser_variants.{name}"
+                raise ValueError(
+                    f"{where}.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)"
+                )
         return self
 
     @field_validator("denoiser_variants")

@@ -429,13 +429,15 @@ class JobStore:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(query)]
 
-    def queue_depth(self) -> dict[str, int]:
-        """Queued jobs per priority tier."""
+    def queue_depth(self, pool: str | None = None) -> dict[str, int]:
+        """Queued jobs per priority tier (of one pool, or all)."""
         query = (
             sa.select(jobs_table.c.priority, sa.func.count())
             .where(jobs_table.c.status == JobStatus.QUEUED.value)
             .group_by(jobs_table.c.priority)
         )
+        if pool is not None:
+            query = query.where(jobs_table.c.pool == pool)
         with self.engine.connect() as conn:
             return {tier: int(n) for tier, n in conn.execute(query)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -15,12 +15,14 @@ from imagine.api.service import JobService
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
 from imagine.serving.autoscaling import POLICY_PATH
-from imagine.serving.scheduler import SchedulerServer
+from imagine.serving.scheduler import SchedulerServer, denoiser_deployment_name
 from imagine.serving.stages import (
     DecoderServer,
     DenoiserServer,
     TextEncoderServer,
+    served_edit_preset,
     served_preset,
+    transformer_config,
 )
 from imagine.storage import open_artifact_store
 
@@ -39,6 +41,7 @@ class IngressServer:
         self._nudge_wanted = threading.Event()
         self._nudger = asyncio.get_running_loop().create_task(self._send_nudges())
         preset = served_preset(config)
+        edit_preset = served_edit_preset(config)
         self.service = JobService(
             config,
             JobStore(config.resolved_database_url),
@@ -46,6 +49,8 @@ class IngressServer:
             presets={preset.name: preset},
             default_model=preset.name,
             notify=self._nudge,
+            edit_presets={edit_preset.name: edit_preset} if edit_preset is not None else None,
+            router=build_router(config),
         )
 
     def _nudge(self) -> None:  # called from request threads
@@ -66,6 +71,55 @@ def _deployment(cls: type, name: str, options: dict[str, Any]) -> serve.Deployme
     return serve.deployment(cls, name=name, **options)
 
 
+def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
+    """Serve options of one denoiser pool. A parallel pool's replica reserves its ranks' devices as one
+    STRICT_PACK placement group (one node): bundle 0 for the replica, one `{GPU: 1}` bundle per rank."""
+    from imagine.serving.ranks import rank_bundles
+
+    cfg = config.denoiser_pools()[pool]
+    opts = cfg.serve_options()
+    # scale on the job queue (exported by the replicas), not on Serve's request counts: see autoscaling.py
+    opts["autoscaling_config"]["policy"] = {"policy_function": POLICY_PATH}
+    if cfg.parallel.degree > 1:
+        device = "cuda" if config.model.device.startswith("cuda") else "cpu"
+        declare = device == "cuda" or cfg.num_gpus > 0  # on CPU, num_gpus > 0 models GPU nodes (simulated clusters)
+        opts["ray_actor_options"] = {"num_cpus": max(cfg.num_cpus, 0.01), "num_gpus": 0}
+        opts["placement_group_bundles"] = rank_bundles(
+            cfg.parallel.degree, device, cfg.parallel.cpus_per_rank, max(cfg.num_cpus, 0.01), declare
+        )
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    return opts
+
+
+def build_router(config: AppConfig) -> Callable[[dict], str] | None:
+    """Generation params -> denoiser pool, when more than one pool is declared (see `imagine.parallel.routing`)."""
+    if not config.denoiser_variants:
+        return None
+    from imagine.parallel.routing import Budget, Candidate, Router, TransformerDims
+
+    r = config.routing
+    dims = TransformerDims.from_ltx2_config(transformer_config(config))
+    router = Router(
+        dims,
+        [Candidate(pool, cfg.parallel.sequence, cfg.parallel.tensor) for pool, cfg in config.denoiser_pools().items()],
+        Budget(
+            device_memory_bytes=r.device_memory_gib * 2**30,
+            reserve_bytes=r.reserve_gib * 2**30,
+            bytes_per_param=4 if config.model.dtype == "float32" else 2,
+            bytes_per_activation=4 if config.model.dtype == "float32" else 2,
+            peak_flops=r.peak_tflops * 1e12,
+            mfu=r.mfu,
+            link_bytes_per_s=r.link_gbps * 1e9,
+            max_denoise_s=r.max_denoise_s,
+        ),
+    )
+
+    def route(params: dict) -> str:
+        return router.route(params["num_frames"], params["height"], params["width"], params["num_frames"] / params["fps"])
+
+    return route
+
+
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Application:
     """Serve application builder (`import_path: imagine.serving.app:build_app`); `args` are AppConfig fields."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
@@ -77,15 +131,33 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Applicati
             f"accounting.price_per_second_usd must price model {preset.name!r} at 480p and 720p, got {prices!r}"
         )
 
+    edit_preset = served_edit_preset(config)
+    if edit_preset is not None:
+        edit_prices = config.accounting.price_per_second_usd.get(edit_preset.name)
+        if edit_prices is None or not {"480p", "720p"} <= set(edit_prices):
+            raise ValueError(
+                f"accounting.price_per_second_usd must price edit model {edit_preset.name!r} at 480p and 720p, "
+                f"got {edit_prices!r}"
+            )
+    build_router(config)  # a bad routing setup fails here, not in the ingress replicas
+
     encoder = _deployment(TextEncoderServer, "TextEncoder", config.text_encoder.serve_options()).bind(config)
-    denoiser_opts = config.denoiser.serve_options()
-    # scale on the job queue (exported by the replicas), not on Serve's request counts: see autoscaling.py
-    denoiser_opts["autoscaling_config"]["policy"] = {"policy_function": POLICY_PATH}
-    denoiser = _deployment(DenoiserServer, "Denoiser", denoiser_opts).bind(config)
+    denoisers = {
+        pool: _deployment(DenoiserServer, denoiser_deployment_name(pool), denoiser_options(config, pool)).bind(config, pool)
+        for pool in config.denoiser_pools()
+    }
     decoder = _deployment(DecoderServer, "Decoder", config.decoder.serve_options()).bind(config)
+    grounder = editor = None
+    if edit_preset is not None:
+        from imagine.serving.edits import EditorServer, GrounderServer
+
+        grounder = _deployment(GrounderServer, "Grounder", config.grounder.serve_options()).bind(config)
+        editor = _deployment(EditorServer, "Editor", config.editor.serve_options()).bind(config)
     scheduler_opts = config.scheduler.serve_options()
     scheduler_opts.pop("autoscaling_config")
     scheduler_opts["num_replicas"] = 1  # one dispatcher: its queue view is the store's
-    scheduler = _deployment(SchedulerServer, "Scheduler", scheduler_opts).bind(config, encoder, denoiser, decoder)
+    scheduler = _deployment(SchedulerServer, "Scheduler", scheduler_opts).bind(
+        config, encoder, denoisers, decoder, grounder, editor
+    )
     ingress_cls = serve.ingress()(IngressServer)
     return _deployment(ingress_cls, "Ingress", config.ingress.serve_options()).bind(config, scheduler)

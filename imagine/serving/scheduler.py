@@ -48,48 +48,89 @@ def _error(code: str, exc: BaseException) -> dict[str, str]:
     return {"type": "server_error", "code": code, "message": f"{type(cause).__name__}: {cause}"[:1000]}
 
 
+def _caused_by(exc: BaseException, name: str) -> bool:
+    """Whether `exc` (or the replica exception a RayTaskError wraps, or anything in its chain) is of class `name`."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(cls.__name__ == name for cls in type(e).__mro__):
+            return True
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return False
+
+
+def denoiser_deployment_name(pool: str) -> str:
+    return "Denoiser" if pool == "denoiser" else f"Denoiser-{pool}"
+
+
 class SchedulerServer:
-    async def __init__(self, config: AppConfig, encoder: Any, denoiser: Any, decoder: Any):
+    async def __init__(
+        self,
+        config: AppConfig,
+        encoder: Any,
+        denoisers: dict[str, Any],
+        decoder: Any,
+        grounder: Any = None,
+        editor: Any = None,
+    ):
         self.config = config
         self.store = JobStore(config.resolved_database_url)
         self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
-        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
+        self.encoder, self.denoisers, self.decoder = encoder, denoisers, decoder
+        self.grounder, self.editor = grounder, editor
         sched = config.scheduling
+        # slots per pool, from the configured minimum until the replica count is read from Serve
+        self._pool_configs = {pool: cfg for pool, cfg in config.denoiser_pools().items() if pool in denoisers}
+        if editor is not None:
+            self._pool_configs["editor"] = config.editor
+        capacity = {pool: cfg.max_ongoing_requests * cfg.autoscaling.min_replicas for pool, cfg in self._pool_configs.items()}
+        if config.max_inflight_jobs is not None:
+            capacity["denoiser"] = config.max_inflight_jobs
         self.dispatcher = Dispatcher(
             self.store,
             self.run_job,
-            config.resolved_max_inflight_jobs,
+            capacity,
             config.poll_interval_s,
             policy=FairSharePolicy(sched.aging_s, sched.tenant_weights),
             preemption=sched.preemption,
             max_preemptions=sched.max_preemptions_per_job,
             paused=sched.paused,
+            unpreemptible_pools=frozenset({"editor"}),
         )
         self.ledger = Ledger(self.store.engine, config.accounting)
         await asyncio.to_thread(self.dispatcher.recover)
         await asyncio.to_thread(self.ledger.bill_missing, self.store)  # done but unbilled (crash in between)
         loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self.dispatcher.run_forever())
-        self._capacity_task = None
-        if config.max_inflight_jobs is None:  # follow the denoiser replicas that are up right now
-            self.dispatcher.set_capacity(config.denoiser.max_ongoing_requests * config.denoiser.autoscaling.min_replicas or 1)
-            self._capacity_task = loop.create_task(self._track_denoiser_capacity())
+        self._capacity_task = loop.create_task(self._track_capacity())
 
-    async def _track_denoiser_capacity(self) -> None:
+    def _deployment_name(self, pool: str) -> str:
+        return "Editor" if pool == "editor" else denoiser_deployment_name(pool)
+
+    async def _track_capacity(self) -> None:
+        """Slots of each pool = its RUNNING replicas x their concurrency. A replica that cannot be placed (no
+        node has the GPUs its placement group needs) is not RUNNING: its pool's jobs wait in the queue."""
         from ray import serve
 
         app = serve.get_replica_context().app_name
-        per_replica = self.config.denoiser.max_ongoing_requests
+        fixed = {"denoiser"} if self.config.max_inflight_jobs is not None else set()
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
                 application = status.applications.get(app)
-                deployment = application.deployments.get("Denoiser") if application else None
-                if deployment is not None:  # absent while the app is still being deployed
-                    running = deployment.replica_states.get("RUNNING", 0)
-                    self.dispatcher.set_capacity(max(1, running * per_replica))
+                for pool, cfg in self._pool_configs.items():
+                    if pool in fixed or application is None:
+                        continue
+                    deployment = application.deployments.get(self._deployment_name(pool))
+                    if deployment is not None:  # absent while the app is still being deployed
+                        running = deployment.replica_states.get("RUNNING", 0)
+                        self.dispatcher.set_capacity(running * cfg.max_ongoing_requests, pool)
             except Exception:  # status is advisory: keep the last capacity on a hiccup
-                logger.exception("could not read the denoiser replica count")
+                logger.exception("could not read the replica counts")
             await asyncio.sleep(1.0)
 
     async def nudge(self) -> None:
@@ -98,6 +139,9 @@ class SchedulerServer:
     async def running(self) -> list[str]:
         return self.dispatcher.running_ids
 
+    async def capacities(self) -> dict[str, int]:
+        return dict(self.dispatcher.capacities)
+
     async def check_health(self) -> None:
         if self._loop_task.done():
             raise RuntimeError(f"dispatch loop stopped: {self._loop_task.exception()!r}")
@@ -105,27 +149,68 @@ class SchedulerServer:
     async def run_job(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
         store = self.store
         try:
-            spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
-            embeddings = self.encoder.encode.remote(job, spec.prompt, spec.negative_prompt, spec.guidance_scale > 1.0)
-            outcome = await self.denoiser.denoise.remote(job, spec, embeddings)
-            release_slot()  # the denoiser is free: the next job may start while this one decodes
-            if outcome.status == "cancelled":
-                await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
-                return
-            if outcome.status == "preempted":
-                await asyncio.to_thread(store.requeue_preempted, job.id, job.attempt, outcome.checkpoint_key)
-                self.dispatcher.nudge()
-                return
-            result = await self.decoder.decode.remote(job, outcome.latents, output_video_key(job.id))
-            result["stage_seconds"]["denoise"] = outcome.device_seconds
-            if not await asyncio.to_thread(store.complete, job.id, job.attempt, result):
-                logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
-                return
-            await asyncio.to_thread(self.ledger.bill, job, result["duration_s"])
-            if job.checkpoint_key:
-                await asyncio.to_thread(self.artifacts.delete, job.checkpoint_key)
+            if job.kind == "edit":
+                await self._run_edit(job, release_slot)
+            else:
+                await self._run_generation(job, release_slot)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any stage failure fails this job, not the scheduler
+            if _caused_by(e, "RankFailure"):
+                # a parallel replica lost a rank: the replica rebuilds its group; the job runs again (from its
+                # last checkpoint, if it has one) while it has attempts left
+                if await asyncio.to_thread(store.retry, job.id, job.attempt, self.config.scheduling.max_attempts):
+                    logger.warning("job %s attempt %d lost a rank; re-queued: %s", job.id, job.attempt, e)
+                    self.dispatcher.nudge()
+                    return
             logger.exception("job %s failed", job.id)
-            await asyncio.to_thread(store.fail, job.id, job.attempt, _error("generation_failed", e))
+            code = "edit_failed" if job.kind == "edit" else "generation_failed"
+            if _caused_by(e, "GroundingError"):
+                code = "target_not_found"
+            await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e))
+
+    async def _finish(self, job: JobRecord, result: dict[str, Any]) -> None:
+        if not await asyncio.to_thread(self.store.complete, job.id, job.attempt, result):
+            logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
+            return
+        await asyncio.to_thread(self.ledger.bill, job, result["duration_s"])
+        if job.checkpoint_key:
+            await asyncio.to_thread(self.artifacts.delete, job.checkpoint_key)
+
+    async def _run_generation(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
+        store = self.store
+        denoiser = self.denoisers.get(job.pool)
+        if denoiser is None:
+            raise RuntimeError(f"job {job.id} needs denoiser pool {job.pool!r}, which this app does not deploy")
+        spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
+        embeddings = self.encoder.encode.remote(job, spec.prompt, spec.negative_prompt, spec.guidance_scale > 1.0)
+        outcome = await denoiser.denoise.remote(job, spec, embeddings)
+        release_slot()  # the denoiser is free: the next job may start while this one decodes
+        if outcome.status == "cancelled":
+            await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
+            return
+        if outcome.status == "preempted":
+            await asyncio.to_thread(store.requeue_preempted, job.id, job.attempt, outcome.checkpoint_key)
+            self.dispatcher.nudge()
+            return
+        result = await self.decoder.decode.remote(job, outcome.latents, output_video_key(job.id))
+        result["stage_seconds"]["denoise"] = outcome.device_seconds
+        await self._finish(job, result)
+
+    async def _run_edit(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
+        """Grounding (unless the request gave a mask) -> masked repaint + composite + mux in the editor."""
+        if self.editor is None:
+            raise RuntimeError("this app does not deploy the editor")
+        masks = None
+        grounding_s = 0.0
+        if job.params.get("mask") is None and not job.params.get("mask_key"):
+            if self.grounder is None:
+                raise RuntimeError("this app does not deploy the grounder")
+            masks, grounding_s = await self.grounder.ground.remote(job)
+        result = await self.editor.edit.remote(job, masks, output_video_key(job.id))
+        release_slot()
+        if result.get("status") == "cancelled":
+            await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt)
+            return
+        result["stage_seconds"]["grounding"] = grounding_s
+        await self._finish(job, result)

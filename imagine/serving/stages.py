@@ -42,6 +42,35 @@ def served_preset(config: AppConfig) -> ModelPreset:
     return preset
 
 
+def served_edit_preset(config: AppConfig) -> ModelPreset | None:
+    """The edit model preset (with the config's `source` override), or None when edits are off."""
+    if not config.edit.enabled:
+        return None
+    preset = get_preset(config.edit.preset)
+    if preset.family != "wan_vace":
+        raise ValueError(f"edit.preset {preset.name!r} is a {preset.family} model; edits need a wan_vace preset")
+    if config.edit.source:
+        preset = preset.model_copy(update={"source": config.edit.source})
+    return preset
+
+
+def transformer_config(config: AppConfig) -> dict[str, Any]:
+    """The served denoiser transformer's `config.json` (for the routing cost model), without loading weights:
+    the builtin tiny model's config comes from code, a local directory's from its file."""
+    import json
+
+    preset = served_preset(config)
+    if preset.is_builtin:
+        from imagine.models.tiny import TRANSFORMER_CONFIG
+
+        return dict(TRANSFORMER_CONFIG)
+    if preset.is_s3:
+        model_dir = resolve_model_dir(preset, config.home, endpoint_url=config.model.s3_endpoint_url)
+    else:
+        model_dir = Path(preset.source).expanduser()
+    return json.loads((model_dir / "transformer" / "config.json").read_text())
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -74,6 +103,7 @@ class _StageHost:
     components: list[str] = []
 
     def __init__(self, config: AppConfig):
+        # (a parallel denoiser sets `components = []`: its ranks load the model instead)
         self.config = config
         self.device = config.model.device
         self.dtype = torch_dtype(config.model.dtype)
@@ -89,6 +119,8 @@ class _StageHost:
     def _load(self) -> dict[str, Any]:
         if self.config.model.torch_threads:
             torch.set_num_threads(self.config.model.torch_threads)
+        if not self.components:
+            return {}
         started = time.perf_counter()
         model_dir = resolve_model_dir(served_preset(self.config), self.config.home, endpoint_url=self.config.model.s3_endpoint_url)
         loaded = load_components(model_dir, self.components, self.device, self.dtype)
@@ -123,14 +155,133 @@ class TextEncoderServer(_StageHost):
         return embeddings
 
 
-class DenoiserServer(_StageHost):
-    components = DenoiserStage.components
+class _LocalLoop:
+    """The sampling loop on this replica's device: `begin` / `step` / `snapshot` / `finish` over a DenoiserStage."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, stage: DenoiserStage):
+        self.stage = stage
+        self.state: DenoiseState | None = None
+        self.embeddings: PromptEmbeddings | None = None
+
+    def begin(self, spec: GenerationSpec, embeddings: PromptEmbeddings, resume: DenoiseState | None) -> tuple[int, int]:
+        """Start (or resume) a loop; returns (steps done, steps in total)."""
+        self.embeddings = embeddings
+        self.state = resume if resume is not None else self.stage.prepare(spec, embeddings)
+        return self.state.step_index, self.state.num_inference_steps
+
+    def step(self) -> int:
+        self.state = self.stage.step(self.state, self.embeddings)
+        return self.state.step_index
+
+    def snapshot(self) -> DenoiseState:
+        """The loop state on the CPU (a checkpoint)."""
+        return self.state.to_cpu()
+
+    def finish(self) -> Latents:
+        latents = self.stage.finish(self.state)
+        self.state = self.embeddings = None
+        return latents.to_cpu()
+
+
+class DenoiserRank(_LocalLoop):
+    """One rank of a parallel denoiser replica (built inside its Ray rank worker once the process group is up):
+    loads the denoiser components, shards the transformer (sequence and/or tensor parallel) and runs the same
+    loop as every other rank; rank 0's results are the replica's."""
+
+    def __init__(self, config: AppConfig, pool: str, rank: int, world_size: int):
+        from imagine.parallel import enable_parallel
+
+        self.rank = rank
+        self.config = config
+        parallel = config.denoiser_pools()[pool].parallel
+        device = config.model.device
+        if device.startswith("cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"  # Ray gave this rank one GPU
+        if config.model.torch_threads:
+            torch.set_num_threads(config.model.torch_threads)
+        model_dir = resolve_model_dir(served_preset(config), config.home, endpoint_url=config.model.s3_endpoint_url)
+        loaded = load_components(model_dir, DenoiserStage.components, device, torch_dtype(config.model.dtype))
+        self.parallel = enable_parallel(loaded["transformer"], sequence=parallel.sequence, tensor=parallel.tensor)
+        super().__init__(DenoiserStage(loaded, device, torch_dtype(config.model.dtype)))
+
+    def begin(self, spec, embeddings, resume):  # noqa: ANN001, ANN201 - see _LocalLoop.begin
+        with torch.inference_mode():
+            return super().begin(spec, embeddings, resume)
+
+    def step(self) -> int:
+        with torch.inference_mode():
+            return super().step()
+
+    def finish(self) -> Latents:
+        with torch.inference_mode():
+            return super().finish()
+
+
+class _RankedLoop:
+    """The sampling loop on a `RankGroup`: every call runs on all ranks (the state stays on them); rank 0's
+    answer is returned. A dead or failed rank raises `RankFailure`; the group is rebuilt before the next job."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def begin(self, spec: GenerationSpec, embeddings: PromptEmbeddings, resume: DenoiseState | None) -> tuple[int, int]:
+        if not self.group.healthy:
+            logger.warning("rank group is broken; restarting it")
+            self.group.restart()
+        return self.group.call("begin", spec, embeddings, resume)
+
+    def step(self) -> int:
+        return self.group.call("step")
+
+    def snapshot(self) -> DenoiseState:
+        return self.group.call("snapshot")
+
+    def finish(self) -> Latents:
+        return self.group.call("finish")
+
+
+class DenoiserServer(_StageHost):
+    """Sampling loop of one pool. Degree 1: the model runs in this replica. Degree N > 1: the replica holds a
+    placement group of N GPU bundles (see `build_app`) and drives N rank workers that run the loop together."""
+
+    def __init__(self, config: AppConfig, pool: str = "denoiser"):
+        self.pool = pool
+        self.parallel = config.denoiser_pools()[pool].parallel
+        if self.parallel.degree > 1:
+            self.components = []  # the ranks load the model, not this replica
         super().__init__(config)
-        self.stage = DenoiserStage(self.loaded, self.device, self.dtype)
         self._denoising = 0
         self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
+        if self.parallel.degree > 1:
+            self.group = self._start_group()
+            self.loop: _LocalLoop | _RankedLoop = _RankedLoop(self.group)
+        else:
+            self.group = None
+            self.stage = DenoiserStage(self.loaded, self.device, self.dtype)
+            self.loop = _LocalLoop(self.stage)
+
+    def _start_group(self) -> Any:
+        import functools
+
+        from imagine.serving.ranks import RankGroup
+
+        device = "cuda" if self.config.model.device.startswith("cuda") else "cpu"
+        group = RankGroup(
+            self.parallel.degree,
+            functools.partial(DenoiserRank, self.config, self.pool),
+            device,
+            cpus_per_rank=self.parallel.cpus_per_rank,
+            declare_gpus=self.config.denoiser_pools()[self.pool].num_gpus > 0 or device == "cuda",
+            collective_timeout_s=self.parallel.timeout_s,
+        )
+        group.start()
+        return group
+
+    async def check_health(self) -> None:
+        """A broken group is rebuilt at the next job; a group that cannot answer pings marks the replica unhealthy
+        (Serve then replaces it, placement group and all)."""
+        if self.group is not None and self.group.healthy:
+            await asyncio.to_thread(self.group.check_health)
 
     async def denoise(self, job: JobRecord, spec: GenerationSpec, embeddings: PromptEmbeddings) -> DenoiseOutcome:
         """Denoise `job` (resuming from its checkpoint if it has one) and meter the device time used."""
@@ -144,10 +295,14 @@ class DenoiserServer(_StageHost):
         await asyncio.to_thread(self.meter, job, "denoiser", outcome.device_seconds)
         return outcome
 
+    def meter(self, job: JobRecord, stage: str, wall_s: float) -> None:
+        """Device time = wall time x devices held (every rank of a parallel replica is busy for the whole loop)."""
+        self.ledger.record(job, stage, wall_s * self.parallel.degree, self.device)
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve autoscaling metrics (see `imagine.serving.autoscaling`): the store's queue depth and
+        """Serve autoscaling metrics (see `imagine.serving.autoscaling`): this pool's queue depth and
         whether this replica is denoising."""
-        depth = await asyncio.to_thread(self.store.queue_depth)
+        depth = await asyncio.to_thread(self.store.queue_depth, self.pool)
         return {"queued_jobs": float(sum(depth.values())), "denoising": float(self._denoising)}
 
     def _load_checkpoint(self, key: str) -> DenoiseState:
@@ -159,33 +314,33 @@ class DenoiserServer(_StageHost):
         """The sampling loop, step by step. After every step: record progress, then stop if the job was
         cancelled, or checkpoint the loop state and give the slot back if it is being preempted."""
         started = time.perf_counter()
-        state = self._load_checkpoint(resume_from) if resume_from else self.stage.prepare(spec, embeddings)
-        first_step = state.step_index
-        every = self.config.progress_every_steps
+        resume = self._load_checkpoint(resume_from) if resume_from else None
+        step_index, total = self.loop.begin(spec, embeddings, resume)
+        first_step = step_index
 
         def outcome(status: str, latents: Latents | None = None, key: str | None = None) -> DenoiseOutcome:
-            return DenoiseOutcome(latents, status, state.step_index - first_step, time.perf_counter() - started, key)
+            return DenoiseOutcome(latents, status, step_index - first_step, time.perf_counter() - started, key)
 
-        total = state.num_inference_steps
-        signal = self.store.report_progress(job_id, attempt, DENOISE_PROGRESS_SHARE * state.step_index / total)
+        every = self.config.progress_every_steps
+        signal = self.store.report_progress(job_id, attempt, DENOISE_PROGRESS_SHARE * step_index / total)
         if signal == StepSignal.CANCEL:  # cancelled while it waited for this replica
             return outcome("cancelled")
-        while not state.done:
-            state = self.stage.step(state, embeddings)
-            if state.step_index % every and not state.done:
+        while step_index < total:
+            step_index = self.loop.step()
+            if step_index % every and step_index < total:
                 continue
-            signal = self.store.report_progress(job_id, attempt, DENOISE_PROGRESS_SHARE * state.step_index / total)
+            signal = self.store.report_progress(job_id, attempt, DENOISE_PROGRESS_SHARE * step_index / total)
             if signal == StepSignal.CANCEL:
-                logger.info("job %s cancelled after step %d", job_id, state.step_index)
+                logger.info("job %s cancelled after step %d", job_id, step_index)
                 return outcome("cancelled")
-            if signal == StepSignal.PREEMPT and not state.done:
+            if signal == StepSignal.PREEMPT and step_index < total:
                 buf = io.BytesIO()
-                torch.save(state.to_cpu(), buf)
+                torch.save(self.loop.snapshot(), buf)
                 key = checkpoint_key_for(job_id)
                 self.artifacts.put_bytes(key, buf.getvalue())
-                logger.info("job %s preempted after step %d", job_id, state.step_index)
+                logger.info("job %s preempted after step %d", job_id, step_index)
                 return outcome("preempted", key=key)
-        return outcome("done", latents=self.stage.finish(state))
+        return outcome("done", latents=self.loop.finish())
 
 
 class DecoderServer(_StageHost):
