@@ -99,6 +99,15 @@ class ParallelConfig(_Strict):
         120.0, gt=0, description="Collective timeout: a rank stuck this long fails the job instead of hanging."
     )
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ParallelConfig":
+        if self.sequence > 1 and self.tensor > 1:
+            raise ValueError(
+                f"parallel: sequence ({self.sequence}) and tensor ({self.tensor}) cannot both be > 1 yet "
+                "(that needs a 2-D device mesh); pick one"
+            )
+        return self
+
     @property
     def degree(self) -> int:
         return self.sequence * self.tensor

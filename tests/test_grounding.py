@@ -1,0 +1,237 @@
+"""Grounding stage with tiny random-init GroundingDINO + SAM2 video models on CPU, and the model-free mask routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from imagine.models.tiny_grounding import (
+    build_tiny_grounding_components,
+    ensure_tiny_grounding,
+    tiny_grounding_config_hash,
+)
+from imagine.pipeline.grounding import (
+    GroundingError,
+    GroundingStage,
+    boxes_to_masks,
+    default_key_frames,
+    dilate,
+    load_grounding_components,
+    temporal_smooth,
+)
+from imagine.pipeline.instructions import parse_instruction, place_to_region
+
+F_, H_, W_ = 6, 96, 160  # small clip: every model call stays well under a second
+
+
+@pytest.fixture(scope="module")
+def grounding_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("grounding-home")
+
+
+@pytest.fixture(scope="module")
+def components(grounding_home: Path) -> dict[str, Any]:
+    return load_grounding_components(ensure_tiny_grounding(grounding_home))
+
+
+@pytest.fixture(scope="module")
+def stage(components: dict[str, Any]) -> GroundingStage:
+    """Random weights detect nothing meaningful: keep each key frame's best box so the SAM2 path runs."""
+    return GroundingStage(components, top1_fallback=True, max_objects=1)
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (F_, H_, W_, 3), dtype=np.uint8)
+
+
+def test_tiny_models_build_once_and_reload_bit_identical(grounding_home: Path, components: dict[str, Any]) -> None:
+    model_dir = ensure_tiny_grounding(grounding_home)
+    assert model_dir == grounding_home / "models" / f"tiny-grounding-{tiny_grounding_config_hash()}"
+    assert ensure_tiny_grounding(grounding_home) == model_dir  # second call: already there
+    assert {p.name for p in model_dir.iterdir()} >= {"model_index.json", "detector", "sam2"}
+    assert type(components["detector"]).__name__ == "GroundingDinoForObjectDetection"
+    assert type(components["sam2"]).__name__ == "Sam2VideoModel"
+    fresh = build_tiny_grounding_components()  # seeded: the same weights as the saved ones
+    for name in ("detector", "sam2"):
+        loaded, built = components[name].state_dict(), fresh[name].state_dict()
+        assert loaded.keys() == built.keys()
+        assert all(torch.equal(loaded[k], built[k]) for k in built), name
+    assert components["detector_tokenizer"]("a dog.")["input_ids"] == fresh["detector_tokenizer"]("a dog.")["input_ids"]
+
+
+def test_load_rejects_a_directory_without_models(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model_index.json"):
+        load_grounding_components(tmp_path)
+
+
+def test_detect_returns_pixel_boxes_inside_the_frame(stage: GroundingStage, frames: np.ndarray) -> None:
+    detections = stage.detect(frames, "a dog")
+    assert sorted(detections) == default_key_frames(F_, 3) == [0, 2, 5]  # first, middle, last
+    for boxes in detections.values():
+        assert len(boxes) == 1  # top-1 fallback, max_objects=1
+        x0, y0, x1, y1 = boxes[0]
+        assert 0 <= x0 < x1 <= W_ and 0 <= y0 < y1 <= H_
+    assert stage.detect(frames, "a dog", key_frames=[4]).keys() == {4}
+
+
+def test_detect_without_fallback_respects_thresholds(stage: GroundingStage, frames: np.ndarray) -> None:
+    assert stage.detect(frames, "a dog", box_threshold=1.0, top1_fallback=False) == {0: [], 2: [], 5: []}
+    loose = stage.detect(frames, "a dog", box_threshold=0.0, text_threshold=0.0, top1_fallback=False)
+    assert all(len(boxes) == 1 for boxes in loose.values())  # capped at max_objects
+    with pytest.raises(ValueError, match="key_frames"):
+        stage.detect(frames, "a dog", key_frames=[F_])
+    with pytest.raises(ValueError, match="box_threshold"):
+        stage.detect(frames, "a dog", box_threshold=1.5)
+
+
+def test_propagate_returns_frame_sized_bool_masks(stage: GroundingStage, frames: np.ndarray) -> None:
+    masks = stage.propagate(frames, {2: [(40.0, 20.0, 100.0, 70.0)], 5: [(45.0, 25.0, 105.0, 75.0)]})
+    assert masks.shape == (F_, H_, W_) and masks.dtype == torch.bool
+    # the tiny SAM2 always reports the prompted object visible, so its masks are not blank; frames 0-1 come
+    # from the backward pass that starts at the first prompted frame
+    assert masks.flatten(1).any(dim=1).all()
+    assert torch.equal(
+        masks, stage.propagate(torch.from_numpy(frames), {2: [(40, 20, 100, 70)], 5: [(45, 25, 105, 75)]})
+    )
+
+
+@pytest.mark.parametrize(
+    ("boxes_by_frame", "match"),
+    [
+        ({0: [(10, 10, 5, 20)]}, r"boxes_by_frame\[0\]\[0\]"),
+        ({1: [(0, 0, 10, 10), (0, 0, W_ + 1, 10)]}, r"boxes_by_frame\[1\]\[1\]"),
+        ({F_: [(0, 0, 10, 10)]}, "not a frame index"),
+        ({0: []}, "no boxes"),
+    ],
+)
+def test_propagate_rejects_bad_boxes(
+    stage: GroundingStage, frames: np.ndarray, boxes_by_frame: dict[int, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        stage.propagate(frames, boxes_by_frame)
+
+
+def test_boxes_to_masks_geometry_is_exact() -> None:
+    masks = boxes_to_masks([(2, 3, 5, 7), (1.5, 0.2, 2.1, 1.0)], 4, 10, 12)
+    expected = torch.zeros((10, 12), dtype=torch.bool)
+    expected[3:7, 2:5] = True  # rows y0..y1-1, columns x0..x1-1
+    expected[0:1, 1:3] = True  # fractional box: floor(x0)=1 .. ceil(x1)=3, floor(y0)=0 .. ceil(y1)=1
+    assert masks.shape == (4, 10, 12)
+    assert all(torch.equal(frame, expected) for frame in masks)
+
+    per_frame = boxes_to_masks(
+        [[(0, 0, 12, 10)], [], np.array([[4, 4, 6, 6]]), torch.tensor([[0, 0, 1, 1]])], 4, 10, 12
+    )
+    assert per_frame.sum(dim=(1, 2)).tolist() == [120, 0, 4, 1]
+
+
+@pytest.mark.parametrize(
+    ("boxes", "match"),
+    [
+        ([(0, 0, 13, 5)], r"boxes\[0\] \(0, 0, 13, 5\) must satisfy 0 <= x0 < x1 <= 12"),
+        ([(0, 0, 5, 5), (-1, 0, 5, 5)], r"boxes\[1\]"),
+        ([(5, 0, 5, 5)], r"boxes\[0\]"),  # x0 == x1
+        ([(0, 6, 5, 2)], r"boxes\[0\]"),  # y0 > y1
+        ([(0, 0, 5)], r"boxes\[0\] must be a box \(x0, y0, x1, y1\), got \(0, 0, 5\)"),
+        ([[(0, 0, 5, 5)], [(0, 0, 5, 11)], [], []], r"boxes\[1\]\[0\]"),
+        ([[(0, 0, 5, 5)]], "1 per-frame box lists for 4 frames"),
+        ([[(0, 0, 5, 5)], (0, 0, 5, 5), [], []], "not a mix"),
+        ([], "non-empty"),
+        ([("a", 0, 5, 5)], r"boxes\[0\] must be a box"),
+        ([(0, 0, 5, 5), [(0, 0, 5, 5)]], "not a mix"),
+    ],
+)
+def test_boxes_to_masks_rejects_bad_boxes(boxes: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        boxes_to_masks(boxes, 4, 10, 12)
+
+
+def test_dilate_grows_by_the_radius() -> None:
+    masks = torch.zeros((2, 11, 13), dtype=torch.bool)
+    masks[0, 5, 6] = True
+    masks[1, 0, 0] = True
+    grown = dilate(masks, 2)
+    expected = torch.zeros_like(masks)
+    expected[0, 3:8, 4:9] = True  # the 5x5 square around (5, 6)
+    expected[1, 0:3, 0:3] = True  # clipped at the corner
+    assert torch.equal(grown, expected)
+    assert torch.equal(dilate(masks, 0), masks)
+    assert not dilate(masks, 0) is masks
+    with pytest.raises(ValueError, match="radius_px"):
+        dilate(masks, -1)
+    with pytest.raises(ValueError, match="bool"):
+        dilate(masks.float(), 1)  # type: ignore[arg-type]
+
+
+def test_temporal_smooth_fills_a_one_frame_hole() -> None:
+    present = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
+    masks = torch.tensor(present, dtype=torch.bool)[:, None, None].expand(10, 4, 4).clone()
+    assert temporal_smooth(masks, 3)[:, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    assert temporal_smooth(masks, 5)[:, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    assert torch.equal(temporal_smooth(masks, 1), masks)
+    with pytest.raises(ValueError, match="odd"):
+        temporal_smooth(masks, 2)
+
+
+def test_masks_for_explicit_boxes_needs_no_models(frames: np.ndarray) -> None:
+    stage = GroundingStage(None)
+    masks, info = stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 30, 40)], dilate_px=0, smooth=1)
+    assert info["source"] == "explicit_boxes"
+    assert torch.equal(masks, boxes_to_masks([(10, 10, 30, 40)], F_, H_, W_))
+    grown, _ = stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 30, 40)], dilate_px=2, smooth=1)
+    assert int(grown[0].sum()) == 24 * 34
+    with pytest.raises(ValueError, match=r"boxes\[0\]"):
+        stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 300, 40)])
+
+
+@pytest.mark.parametrize("text", ["add a blooming tree on the left", "在画面左侧添加一棵开花的树"])
+def test_masks_for_add_paints_the_place_region(frames: np.ndarray, text: str) -> None:
+    masks, info = GroundingStage(None).masks_for(text, frames, dilate_px=0, smooth=1)
+    assert info["source"] == "place_region"
+    assert info["region"] == place_to_region(parse_instruction(text).place, W_, H_)
+    expected = torch.zeros((F_, H_, W_), dtype=torch.bool)
+    expected[:, :, : -(-W_ // 3)] = True  # left third, full height (x1 = 53.33 -> column 53 included)
+    assert torch.equal(masks, expected)
+
+
+def test_masks_for_add_next_to_an_anchor_detects_the_anchor(stage: GroundingStage, frames: np.ndarray) -> None:
+    instruction = parse_instruction("put a cat next to the sofa")
+    masks, info = stage.masks_for(instruction, frames, dilate_px=0, smooth=1)
+    anchor = info["anchor_boxes"]["sofa"]
+    assert info["region"] == place_to_region(instruction.place, W_, H_, [anchor])
+    assert torch.equal(masks, boxes_to_masks([info["region"]], F_, H_, W_))
+    with pytest.raises(ValueError, match="components"):
+        GroundingStage(None).masks_for(instruction, frames)
+
+
+def test_masks_for_remove_detects_then_propagates(stage: GroundingStage, frames: np.ndarray) -> None:
+    masks, info = stage.masks_for("把狗去掉", frames, dilate_px=1, smooth=3)
+    assert info["source"] == "detector+sam2" and info["phrase"] == "dog"
+    assert sorted(info["boxes"]) == [0, 2, 5]
+    assert masks.shape == (F_, H_, W_) and masks.dtype == torch.bool and masks.any()
+    assert set(info["timings"]) == {"detect_s", "propagate_s", "total_s"}
+    assert info["coverage"] == pytest.approx(float(masks.float().mean()))
+
+
+def test_masks_for_reports_what_it_cannot_find(components: dict[str, Any], frames: np.ndarray) -> None:
+    strict = GroundingStage(components, box_threshold=1.0)
+    with pytest.raises(GroundingError, match="could not find 'dog' in the video"):
+        strict.masks_for("remove the dog", frames)
+    with pytest.raises(GroundingError, match="no English gloss"):
+        strict.masks_for("删除那个东西", frames)
+    with pytest.raises(ValueError, match="components"):
+        GroundingStage(None).masks_for("remove the dog", frames)
+
+
+def test_stage_rejects_bad_inputs(components: dict[str, Any], frames: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="missing"):
+        GroundingStage({"sam2": components["sam2"]})
+    with pytest.raises(ValueError, match="box_threshold"):
+        GroundingStage(None, box_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"uint8 \(F, H, W, 3\)"):
+        GroundingStage(None).masks_for("add a tree", frames.astype(np.float32))
