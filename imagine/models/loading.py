@@ -1,6 +1,6 @@
 """Turn a `ModelPreset` into a local diffusers-layout directory, and load pipeline components from one.
 
-Every source ends up as a local directory with a `model_index.json` (builtin tiny: built once; S3: downloaded
+Every source ends up as a local directory with a `model_index.json` (builtin tiny models: built once; S3: downloaded
 once), and components are loaded from it with each class's own `from_pretrained(dir, subfolder=name)` -- the same
 path for the tiny model and for real weights.
 """
@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from imagine.models.cache import MODEL_INDEX, build_dir_once
-from imagine.models.presets import ModelPreset
+from imagine.models.presets import BUILTIN_SOURCES, BUILTIN_TINY_SOURCE, BUILTIN_TINY_VACE_SOURCE, ModelPreset
 from imagine.models.tiny import ensure_tiny_ltx2
+from imagine.models.tiny_vace import ensure_tiny_vace
+
+# builtin source -> `ensure_*(home) -> model dir` that builds it under home/models once
+BUILTIN_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    BUILTIN_TINY_SOURCE: ensure_tiny_ltx2,
+    BUILTIN_TINY_VACE_SOURCE: ensure_tiny_vace,
+}
 
 
 class ModelSourceError(ValueError):
@@ -26,14 +34,15 @@ class ModelSourceError(ValueError):
 def resolve_model_dir(preset: ModelPreset, home: Path, endpoint_url: str | None = None) -> Path:
     """Local directory (diffusers pipeline layout) holding `preset`'s weights, building/downloading it if needed.
 
-    - ``builtin:tiny``: built once under ``home/models/tiny-<config-hash>``;
+    - ``builtin:tiny`` / ``builtin:tiny-vace``: built once under ``home/models/tiny-<config-hash>`` /
+      ``home/models/tiny-vace-<config-hash>``;
     - a local directory: must exist and contain ``model_index.json``;
     - ``s3://bucket/prefix``: downloaded once to ``home/models/s3/<bucket>/<prefix>`` (``endpoint_url`` selects an
       S3-compatible server; credentials come from boto3's usual chain).
     """
     home = Path(home).expanduser()
     if preset.is_builtin:
-        return ensure_tiny_ltx2(home)
+        return BUILTIN_BUILDERS[preset.source](home)
     if preset.is_s3:
         return download_s3_model(preset.source, home, endpoint_url=endpoint_url)
     model_dir = Path(preset.source).expanduser()
@@ -45,7 +54,8 @@ def _check_model_dir(model_dir: Path, preset: ModelPreset) -> None:
     if not model_dir.is_dir():
         raise ModelSourceError(
             f"model preset {preset.name!r}: source directory {str(model_dir)!r} does not exist; point the preset's "
-            f"`source` at a diffusers pipeline directory, an s3:// URI, or use 'builtin:tiny'"
+            f"`source` at a diffusers pipeline directory, an s3:// URI, or a builtin "
+            f"({', '.join(sorted(BUILTIN_SOURCES))})"
         )
     if not (model_dir / MODEL_INDEX).is_file():
         raise ModelSourceError(

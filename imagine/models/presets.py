@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ModelFamily = Literal["ltx2", "wan_vace"]
+"""`ltx2`: joint video + audio generation (LTX2Pipeline layout). `wan_vace`: masked video editing
+(WanVACEPipeline layout); it cannot generate from text alone, so generation endpoints serve only `ltx2`."""
+MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
 
 BUILTIN_TINY_SOURCE = "builtin:tiny"
+BUILTIN_TINY_VACE_SOURCE = "builtin:tiny-vace"
+# Random-init models built in code (see imagine.models.tiny / tiny_vace), and the family each one belongs to.
+BUILTIN_SOURCES: dict[str, str] = {BUILTIN_TINY_SOURCE: "ltx2", BUILTIN_TINY_VACE_SOURCE: "wan_vace"}
 
 
 class UnknownModelError(KeyError):
@@ -27,13 +35,15 @@ class ModelPreset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Preset name used in requests and config, e.g. 'ltx-2'.", min_length=1)
-    family: Literal["ltx2"] = Field(
-        description="Model family; selects the pipeline stages. Only 'ltx2' (joint video + audio) for now."
+    family: ModelFamily = Field(
+        description="Model family; selects the pipeline stages: 'ltx2' (text/image -> video + audio generation) or "
+        "'wan_vace' (masked video editing)."
     )
     source: str = Field(
         description=(
-            "Where the weights come from: 'builtin:tiny' (random-init tiny model built in code), a local directory "
-            "in diffusers pipeline layout (with model_index.json; '~' is expanded), or 's3://bucket/prefix'."
+            "Where the weights come from: a builtin random-init tiny model built in code ('builtin:tiny' for ltx2, "
+            "'builtin:tiny-vace' for wan_vace), a local directory in diffusers pipeline layout (with "
+            "model_index.json; '~' is expanded), or 's3://bucket/prefix'."
         ),
         min_length=1,
     )
@@ -48,11 +58,21 @@ class ModelPreset(BaseModel):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
-        if value.startswith("builtin:") and value != BUILTIN_TINY_SOURCE:
-            raise ValueError(f"source: unknown builtin model {value!r}; the only builtin is {BUILTIN_TINY_SOURCE!r}")
+        if value.startswith("builtin:") and value not in BUILTIN_SOURCES:
+            raise ValueError(f"source: unknown builtin model {value!r}; builtins are {sorted(BUILTIN_SOURCES)}")
         if value.startswith("s3://") and len(value[len("s3://") :].strip("/")) == 0:
             raise ValueError(f"source: S3 URI {value!r} has no bucket")
         return value
+
+    @model_validator(mode="after")
+    def _check_builtin_family(self) -> ModelPreset:
+        builtin_family = BUILTIN_SOURCES.get(self.source)
+        if builtin_family is not None and builtin_family != self.family:
+            raise ValueError(
+                f"source: builtin model {self.source!r} is a {builtin_family!r} model, but the preset's family is "
+                f"{self.family!r}"
+            )
+        return self
 
     @property
     def is_builtin(self) -> bool:
@@ -84,13 +104,38 @@ PRESETS: dict[str, ModelPreset] = {
             default_steps=40,
             default_guidance_scale=4.0,
         ),
+        ModelPreset(
+            name="tiny-vace",
+            family="wan_vace",
+            source=BUILTIN_TINY_VACE_SOURCE,
+            description="Random-init Wan VACE-shaped editing model built in code: real VAE ratios and patch size, "
+            "noise content inside the edited region. For tests, CI and laptops.",
+            default_fps=16.0,
+            default_steps=8,
+            default_guidance_scale=5.0,
+        ),
+        ModelPreset(
+            name="wan-vace",
+            family="wan_vace",
+            source="~/models/wan2.1-vace-1.3b",
+            description="Wan 2.1 VACE 1.3B masked video editing (diffusers layout, e.g. Wan-AI/Wan2.1-VACE-1.3B-"
+            "diffusers; trained at 480p, 16 fps, 81 frames). Override `source` with the local directory or s3:// URI "
+            "holding the weights.",
+            default_fps=16.0,
+            default_steps=30,
+            default_guidance_scale=5.0,
+            max_duration_s=10.0,
+        ),
     )
 }
 
 
-def list_presets() -> list[ModelPreset]:
-    """All registered presets, in registration order."""
-    return list(PRESETS.values())
+def list_presets(family: str | None = None) -> list[ModelPreset]:
+    """Registered presets in registration order; only those of `family` when given (e.g. the generation
+    endpoints list 'ltx2', the edit endpoint 'wan_vace')."""
+    if family is not None and family not in MODEL_FAMILIES:
+        raise ValueError(f"family must be one of {list(MODEL_FAMILIES)}, got {family!r}")
+    return [preset for preset in PRESETS.values() if family is None or preset.family == family]
 
 
 def get_preset(name: str) -> ModelPreset:

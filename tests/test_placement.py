@@ -1,0 +1,226 @@
+"""Where rank groups land, on a simulated cluster (`ray.cluster_utils.Cluster`): a CPU head with no GPUs and two
+worker nodes declaring 2 GPUs each, ranks running on CPU. A group's ranks share one node; two groups fill both
+nodes; a third cannot be placed (PlacementTimeout, nothing leaked) until a node joins. Through Ray Serve, a
+replica declared with `rank_bundles` starts its ranks inside its own placement group, on its own node, and a
+replica that cannot be placed stays pending instead of failing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import ray
+import ray._common.utils
+import ray._private.utils
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import get_current_placement_group
+
+from imagine.serving.ranks import PlacementTimeout, RankGroup, rank_bundles
+
+pytestmark = pytest.mark.ray
+
+GPUS_PER_NODE = 2
+NODE_CPUS = 2
+RANK_CPUS = 0.5
+REPLICA_CPUS = 0.25
+
+
+class Probe:
+    """A rank object with nothing to compute: placement is what these tests look at."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def probe(rank: int, world_size: int) -> Probe:
+    return Probe(rank, world_size)
+
+
+def new_group(placement_timeout_s: float = 60.0) -> RankGroup:
+    return RankGroup(
+        2, probe, "cpu", cpus_per_rank=RANK_CPUS, declare_gpus=True, placement_timeout_s=placement_timeout_s
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.5)
+
+
+def live_placement_groups() -> dict[str, str]:
+    """Placement groups that hold or wait for resources: id -> state."""
+    table = ray.util.placement_group_table()
+    return {pg_id: pg["state"] for pg_id, pg in table.items() if pg["state"] in ("PENDING", "CREATED", "RESCHEDULING")}
+
+
+def gpu_node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Cluster, str]]:
+    temp_dir = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
+    with pytest.MonkeyPatch.context() as patch:
+        # Cluster records its address in the machine-wide /tmp/ray/ray_current_cluster (whatever the temp dir)
+        # and deletes that file on shutdown; a plain `ray.init()` anywhere on the machine would then join this
+        # cluster. Keep it private: other Ray users share this machine.
+        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+        c = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": temp_dir, "include_dashboard": False},
+        )
+        try:
+            for _ in range(2):
+                c.add_node(num_cpus=NODE_CPUS, num_gpus=GPUS_PER_NODE, temp_dir=temp_dir)
+            tests_dir = os.path.dirname(os.path.abspath(__file__))  # workers import the rank objects from here
+            ray.init(address=c.address, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+            yield c, temp_dir
+        finally:
+            ray.shutdown()
+            c.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_group_ranks_share_one_gpu_node(cluster: tuple[Cluster, str]) -> None:
+    with new_group() as g:
+        (node,) = set(g.node_ids())
+        assert node in gpu_node_ids()
+        assert sorted(i.gpu_ids for i in g.info) == [("0",), ("1",)]  # one declared GPU each, not the same one
+        assert g.call_all("node_id") == [node, node]
+    wait_until(lambda: not live_placement_groups(), 30, "placement group removed")
+
+
+@pytest.fixture(scope="module")
+def two_groups(cluster: tuple[Cluster, str]) -> Iterator[list[RankGroup]]:
+    groups = [new_group(), new_group()]
+    try:
+        for g in groups:
+            g.start()
+        yield groups
+    finally:
+        for g in groups:
+            g.shutdown()
+
+
+def test_two_groups_use_both_gpu_nodes(two_groups: list[RankGroup]) -> None:
+    nodes = [set(g.node_ids()) for g in two_groups]
+    assert all(len(n) == 1 for n in nodes), nodes
+    assert nodes[0] | nodes[1] == gpu_node_ids() and nodes[0] != nodes[1]
+
+
+def test_third_group_waits_for_a_node(cluster: tuple[Cluster, str], two_groups: list[RankGroup]) -> None:
+    c, temp_dir = cluster
+    before = live_placement_groups()
+    g = new_group(placement_timeout_s=3.0)
+    started = time.monotonic()
+    with pytest.raises(PlacementTimeout, match="could not place 2 ranks"):
+        g.start()
+    assert time.monotonic() - started < 20
+    assert live_placement_groups() == before  # its pending placement group was removed
+    assert g.placement_group is None and not g.healthy
+
+    node = c.add_node(num_cpus=NODE_CPUS, num_gpus=GPUS_PER_NODE, temp_dir=temp_dir)
+    try:
+        g.placement_timeout_s = 60.0
+        g.start()  # the same group, retried once the cluster grew
+        assert set(g.node_ids()) == {node.node_id}
+        assert g.call("node_id") == node.node_id
+    finally:
+        g.shutdown()
+        c.remove_node(node)
+        wait_until(lambda: node.node_id not in gpu_node_ids(), 60, "added node gone")
+
+
+class RankedReplica:
+    """A Serve replica that owns a 2-rank group: its ranks must run in the replica's own placement group."""
+
+    def __init__(self) -> None:
+        self.group = new_group(placement_timeout_s=30.0)
+        self.group.start()
+
+    def where(self) -> dict:
+        pg = get_current_placement_group()
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica_node": ray.get_runtime_context().get_node_id(),
+            "rank_nodes": self.group.node_ids(),
+            "in_replica_pg": pg is not None and self.group.placement_group.id == pg.id,
+        }
+
+
+def ranked_app(num_replicas: int) -> serve.Application:
+    deployment = serve.deployment(
+        RankedReplica,
+        name="ranked",
+        num_replicas=num_replicas,
+        ray_actor_options={"num_cpus": REPLICA_CPUS},
+        placement_group_bundles=rank_bundles(2, "cpu", RANK_CPUS, REPLICA_CPUS, declare_gpus=True),
+        placement_group_strategy="STRICT_PACK",
+    )
+    return deployment.bind()
+
+
+def replica_states() -> dict[str, int]:
+    app = serve.status().applications.get("ranks")
+    if app is None or "ranked" not in app.deployments:
+        return {}
+    return {_name(state): n for state, n in app.deployments["ranked"].replica_states.items()}
+
+
+def _name(state: object) -> str:
+    """Serve's status enums arrive as members or as plain strings, depending on the path."""
+    return str(getattr(state, "value", state))
+
+
+def test_serve_replicas_hold_their_ranks(cluster: tuple[Cluster, str]) -> None:
+    c, temp_dir = cluster
+    serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy, no port to clash
+    try:
+        handle = serve.run(ranked_app(2), name="ranks", route_prefix=None)
+        seen: dict[str, dict] = {}
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:  # requests are routed at random: ask until both answer
+            where = handle.where.remote().result(timeout_s=30)
+            seen[where["replica"]] = where
+        assert len(seen) == 2, seen
+        for where in seen.values():
+            assert where["in_replica_pg"], where
+            assert set(where["rank_nodes"]) == {where["replica_node"]}, where  # STRICT_PACK: replica + ranks
+        assert {w["replica_node"] for w in seen.values()} == gpu_node_ids()
+
+        # a third replica needs a third GPU node: it must wait, not fail
+        serve.run_many(
+            [serve.RunTarget(ranked_app(3), name="ranks", route_prefix=None)], wait_for_applications_running=False
+        )
+        wait_until(lambda: replica_states() == {"RUNNING": 2, "STARTING": 1}, 60, "third replica pending")
+        observed_until = time.monotonic() + 10  # a window to catch a failure or a restart loop
+        while time.monotonic() < observed_until:
+            assert replica_states() == {"RUNNING": 2, "STARTING": 1}, replica_states()
+            status = serve.status().applications["ranks"].deployments["ranked"].status
+            assert _name(status) in ("UPDATING", "UPSCALING"), status
+            time.sleep(1)
+        assert handle.where.remote().result(timeout_s=30)["replica"] in seen  # the two keep serving
+
+        node = c.add_node(num_cpus=NODE_CPUS, num_gpus=GPUS_PER_NODE, temp_dir=temp_dir)
+        wait_until(lambda: replica_states() == {"RUNNING": 3}, 120, "third replica running on the new node")
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:
+            where = handle.where.remote().result(timeout_s=30)
+            seen[where["replica"]] = where
+        third = [w for w in seen.values() if w["replica_node"] == node.node_id]
+        assert len(third) == 1 and set(third[0]["rank_nodes"]) == {node.node_id}, seen
+    finally:
+        serve.shutdown()
+    wait_until(lambda: not live_placement_groups(), 60, "Serve's placement groups removed")
