@@ -149,6 +149,14 @@ class EditConfig(_Strict):
     default_steps: int = Field(20, ge=1, le=200, description="Denoising steps of an edit when the request gives none.")
     guidance_scale: float = Field(5.0, ge=1.0, le=20.0, description="CFG scale of the inpainting model.")
     dilate_px: int = Field(8, ge=0, le=256, description="Masks grow by this many pixels before repainting.")
+    feather_px: int = Field(
+        4, ge=0, le=128, description="The repaint blends into the source over this many pixels of the dilation margin "
+        "(capped at dilate_px // 2, so masked pixels keep full weight); 0 gives a hard edge."
+    )
+    max_work_pixels: int | None = Field(
+        832 * 480, ge=1, description="The inpainting model runs at most at this area (Wan 2.1 VACE is trained at "
+        "832x480); larger sources are repainted at this area and upscaled into the mask. None: the source's size."
+    )
     mp4_crf: int = Field(
         12, ge=0, le=51, description="x264 CRF of edit outputs: low, so unedited pixels survive re-encoding."
     )

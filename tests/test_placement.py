@@ -102,7 +102,7 @@ def test_group_ranks_share_one_gpu_node(cluster: tuple[Cluster, str]) -> None:
     wait_until(lambda: not live_placement_groups(), 30, "placement group removed")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()  # per test: later tests need both GPU nodes free again
 def two_groups(cluster: tuple[Cluster, str]) -> Iterator[list[RankGroup]]:
     groups = [new_group(), new_group()]
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imagine.pipeline.denoise import StepHook
+from imagine.pipeline.grounding import dilate
 from imagine.pipeline.types import require_components
 
 EDIT_COMPONENTS = ["tokenizer", "text_encoder", "vae", "scheduler", "transformer"]
@@ -73,6 +74,19 @@ def prompt_for(op: EditOp, target: str, replacement: str | None = None) -> EditP
     return EditPrompt(prompt=f"{replacement}, {integrate}", negative_prompt=f"{target}, {BASE_NEGATIVE_PROMPT}")
 
 
+def edit_prompt(instruction: dict[str, Any], text: str, negative_prompt: str = "") -> EditPrompt:
+    """Prompts for a stored edit: a parsed instruction (`op`, `target`, `replacement`) goes through `prompt_for`;
+    op ``inpaint`` (an explicit mask with free text that is not an instruction) paints `text` itself. The
+    request's own `negative_prompt` is prepended to the derived one."""
+    op = instruction.get("op")
+    if op == "inpaint":
+        derived = EditPrompt(prompt=text, negative_prompt=BASE_NEGATIVE_PROMPT)
+    else:
+        derived = prompt_for(op, instruction.get("target"), instruction.get("replacement"))
+    negative = ", ".join(part for part in (negative_prompt.strip(), derived.negative_prompt) if part)
+    return EditPrompt(prompt=derived.prompt, negative_prompt=negative)
+
+
 def dilate_masks(masks: torch.Tensor, radius_px: int) -> torch.Tensor:
     """Grow binary (F, H, W) masks by `radius_px` pixels (square neighbourhood); float {0, 1} out.
 
@@ -83,13 +97,7 @@ def dilate_masks(masks: torch.Tensor, radius_px: int) -> torch.Tensor:
         raise EditInputError(f"masks must be (F, H, W), got shape {tuple(masks.shape)}")
     if not isinstance(radius_px, int) or radius_px < 0:
         raise EditInputError(f"radius_px must be an int >= 0, got {radius_px!r}")
-    binary = (masks > 0.5).float()
-    if radius_px == 0:
-        return binary
-    # a square max filter is separable: rows then columns costs 2k instead of k^2 per pixel
-    size = 2 * radius_px + 1
-    grown = F.max_pool2d(binary.unsqueeze(1), kernel_size=(1, size), stride=1, padding=(0, radius_px))
-    return F.max_pool2d(grown, kernel_size=(size, 1), stride=1, padding=(radius_px, 0)).squeeze(1)
+    return dilate(masks > 0.5, radius_px).float()
 
 
 def _feathered_alpha(masks: torch.Tensor, dilation_px: int, feather_px: int) -> torch.Tensor:
@@ -104,7 +112,7 @@ def _feathered_alpha(masks: torch.Tensor, dilation_px: int, feather_px: int) -> 
         return core
     size = 2 * feather_px + 1
     padded = F.pad(core.unsqueeze(1), (feather_px,) * 4, mode="replicate")
-    # separable box blur (rows, then columns), as in `dilate_masks`
+    # separable box blur (rows, then columns)
     blurred = F.avg_pool2d(F.avg_pool2d(padded, kernel_size=(1, size), stride=1), kernel_size=(size, 1), stride=1)
     return blurred.squeeze(1).clamp_(0.0, 1.0)
 

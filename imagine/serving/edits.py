@@ -84,7 +84,8 @@ class GrounderServer(_StageHost):
         with tempfile.TemporaryDirectory(prefix="imagine-ground-") as tmp:
             source, _ = _read_source(self.artifacts, job.params["source_key"], Path(tmp))
         # the ingress parsed the same text already (422 otherwise); parsing again is cheap and exact
-        masks, info = self.grounding.masks_for(job.params["prompt"], source.frames, dilate_px=self.config.edit.dilate_px)
+        # no dilation here: the editor grows every mask (grounded or explicit) by `edit.dilate_px` itself
+        masks, info = self.grounding.masks_for(job.params["prompt"], source.frames, dilate_px=0)
         elapsed = time.perf_counter() - started
         logger.info("job %s grounded %r in %.2fs: %s", job.id, job.params["instruction"].get("target"), elapsed,
                     {k: v for k, v in info.items() if k in ("source", "phrase", "coverage")})
@@ -108,14 +109,17 @@ class EditorServer(_StageHost):
         preset = served_edit_preset(self.config)
         model_dir = resolve_model_dir(preset, self.config.home, endpoint_url=self.config.model.s3_endpoint_url)
         loaded = load_components(model_dir, InpaintStage.components, self.device, self.dtype)
-        return InpaintStage(loaded, self.device, self.dtype)
+        cfg = self.config.edit
+        return InpaintStage(
+            loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=min(cfg.feather_px, cfg.dilate_px // 2),
+            max_pixels=cfg.max_work_pixels,
+        )
 
     async def edit(self, job: JobRecord, masks: torch.Tensor | None, artifact_key: str) -> dict[str, Any]:
         return await self.run_on_torch_thread(self._edit, job, masks, artifact_key)
 
     def _edit(self, job: JobRecord, masks: torch.Tensor | None, artifact_key: str) -> dict[str, Any]:
-        from imagine.pipeline.edit import prompt_for
-        from imagine.pipeline.grounding import dilate
+        from imagine.pipeline.edit import edit_prompt
         from imagine.pipeline.media import remux_with_source_audio
 
         p = job.params
@@ -126,14 +130,7 @@ class EditorServer(_StageHost):
             decoded = time.perf_counter()
             if masks is None:
                 masks = explicit_masks(job, self.artifacts, tmp)
-                if self.config.edit.dilate_px:
-                    masks = dilate(masks, self.config.edit.dilate_px)
-            ins = p["instruction"]
-            if ins["op"] == "inpaint":  # explicit mask + free text: the text describes the repainted region
-                prompt = p["prompt"]
-            else:
-                prompt = prompt_for(ins["op"], ins.get("target"), ins.get("replacement"))
-            total = p["num_inference_steps"]
+            text = edit_prompt(p["instruction"], p["prompt"], p.get("negative_prompt") or "")
 
             def step_hook(done: int, steps: int) -> None:
                 signal = self.store.report_progress(job.id, job.attempt, 0.95 * done / steps)
@@ -144,7 +141,7 @@ class EditorServer(_StageHost):
                 return {"status": "cancelled"}
             try:
                 frames = self.stage(
-                    source.frames, masks, prompt, p.get("negative_prompt") or "", p["seed"], total,
+                    source.frames, masks, text.prompt, text.negative_prompt, p["seed"], p["num_inference_steps"],
                     p["guidance_scale"], step_hook=step_hook,
                 )
             except _EditCancelled:
@@ -153,7 +150,7 @@ class EditorServer(_StageHost):
             inpainted = time.perf_counter()
             out = tmp / "edited.mp4"
             info = remux_with_source_audio(
-                frames, source.fps, source_path, out, crf=self.config.edit.mp4_crf, preset=self.config.mp4_preset
+                frames, source.frame_rate, source_path, out, crf=self.config.edit.mp4_crf, preset=self.config.mp4_preset
             )
             size = self.artifacts.put_file(artifact_key, out)
         self.meter(job, "editor", time.perf_counter() - started)

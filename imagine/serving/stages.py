@@ -244,6 +244,8 @@ class DenoiserServer(_StageHost):
     """Sampling loop of one pool. Degree 1: the model runs in this replica. Degree N > 1: the replica holds a
     placement group of N GPU bundles (see `build_app`) and drives N rank workers that run the loop together."""
 
+    components = DenoiserStage.components
+
     def __init__(self, config: AppConfig, pool: str = "denoiser"):
         self.pool = pool
         self.parallel = config.denoiser_pools()[pool].parallel

@@ -1,0 +1,59 @@
+"""Helpers of the Serve-stack tests: a client of one deployed app, and the request sizes they use."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from imagine.config import AppConfig
+
+# small clips keep the suite fast on 2 cores: 1 s, 480x480 -> 25 frames
+SMALL = {"duration": 1, "resolution": "480p", "aspect_ratio": "1:1", "num_inference_steps": 3}
+# a job with many cheap steps, to observe and cancel mid-loop
+LONG = {"duration": 1, "resolution": "480p", "aspect_ratio": "16:9", "num_inference_steps": 100}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, config: AppConfig, port: int):
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def deploy(self) -> None:
+        from ray import serve
+
+        from imagine.serving.app import build_app
+
+        serve.run(build_app(self.config), name="imagine", route_prefix="/")
+
+    def submit(self, priority: str = "standard", **body) -> str:
+        resp = self.http.post(
+            "/v1/videos/generations",
+            json={"prompt": "a drum solo on a beach", **body},
+            headers={"X-Priority": priority},
+        )
+        assert resp.status_code == 202, resp.text
+        return resp.json()["request_id"]
+
+    def job(self, job_id: str) -> dict:
+        return self.http.get(f"/v1/videos/{job_id}").json()
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if predicate(job):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting on job {job_id}: {self.job(job_id)}")
+
+    def wait_terminal(self, job_id: str, timeout: float = 180.0) -> dict:
+        return self.wait_for(job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout)
