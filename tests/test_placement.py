@@ -224,3 +224,69 @@ def test_serve_replicas_hold_their_ranks(cluster: tuple[Cluster, str]) -> None:
     finally:
         serve.shutdown()
     wait_until(lambda: not live_placement_groups(), 60, "Serve's placement groups removed")
+
+
+def test_jobs_wait_queued_for_an_unplaced_parallel_replica(cluster: tuple[Cluster, str], tmp_path) -> None:
+    """The whole app with a 2-rank (declared-GPU) denoiser while other work holds every GPU: the replica stays
+    pending and a submitted job stays queued, not failed; once a node frees up, the replica is placed and the job
+    runs to done."""
+    import httpx
+    from serve_helpers import SMALL, Served, free_port
+
+    from imagine.config import AppConfig
+    from imagine.models.tiny import ensure_tiny_ltx2
+    from imagine.serving.app import build_app
+
+    home = tmp_path / "home"
+    ensure_tiny_ltx2(home)
+    blockers = [new_group(), new_group()]
+    for g in blockers:
+        g.start()  # each holds both GPUs of one node
+    small = {"num_cpus": 0.05, "max_ongoing_requests": 1}
+    config = AppConfig.model_validate(
+        {
+            "home": str(home),
+            "poll_interval_s": 0.2,
+            "auth": {"enabled": False},
+            "model": {"preset": "tiny", "torch_threads": 1},
+            "ingress": small,
+            "text_encoder": small,
+            "decoder": small,
+            "denoiser": {**small, "num_gpus": 1, "parallel": {"sequence": 2, "cpus_per_rank": RANK_CPUS}},
+            "edit": {"enabled": False},
+        }
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    served = Served(config, port)
+    try:
+        serve.run_many(
+            [serve.RunTarget(build_app(config), name="imagine", route_prefix="/")], wait_for_applications_running=False
+        )
+
+        def ingress_up() -> bool:
+            try:
+                return served.http.get("/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ingress_up, 120, "ingress answering")
+        job_id = served.submit(**SMALL)
+        observed_until = time.monotonic() + 10  # the replica cannot be placed: the job must wait, not fail
+        while time.monotonic() < observed_until:
+            job = served.job(job_id)
+            assert job["status"] == "queued" and job["started_at"] is None, job
+            time.sleep(0.5)
+        denoiser = serve.status().applications["imagine"].deployments["Denoiser"].replica_states
+        assert {_name(k): v for k, v in denoiser.items()} == {"STARTING": 1}, denoiser
+
+        blockers.pop().shutdown()  # a node's GPUs free up
+        job = served.wait_terminal(job_id, timeout=240)
+        assert job["status"] == "done", job
+        assert job["started_at"] > job["created_at"] + 10
+    finally:
+        served.http.close()
+        for g in blockers:
+            g.shutdown()
+        serve.shutdown()
+    wait_until(lambda: not live_placement_groups(), 60, "Serve's placement groups removed")
