@@ -83,11 +83,12 @@ class SchedulerServer:
         self.encoder, self.denoisers, self.decoder = encoder, denoisers, decoder
         self.grounder, self.editor = grounder, editor
         sched = config.scheduling
-        # slots per pool, from the configured minimum until the replica count is read from Serve
+        # slots per pool: none until Serve reports the pool's RUNNING replicas (`_track_capacity`), so a job never
+        # goes to a replica that is still starting or cannot be placed; a fixed `max_inflight_jobs` is used as is
         self._pool_configs = {pool: cfg for pool, cfg in config.denoiser_pools().items() if pool in denoisers}
         if editor is not None:
             self._pool_configs["editor"] = config.editor
-        capacity = {pool: cfg.max_ongoing_requests * cfg.autoscaling.min_replicas for pool, cfg in self._pool_configs.items()}
+        capacity = {pool: 0 for pool in self._pool_configs}
         if config.max_inflight_jobs is not None:
             capacity["denoiser"] = config.max_inflight_jobs
         self.dispatcher = Dispatcher(
