@@ -158,7 +158,7 @@ class EditConfig(_Strict):
         "832x480); larger sources are repainted at this area and upscaled into the mask. None: the source's size."
     )
     mp4_crf: int = Field(
-        12, ge=0, le=51, description="x264 CRF of edit outputs: low, so unedited pixels survive re-encoding."
+        8, ge=0, le=51, description="x264 CRF of edit outputs: low, so unedited pixels survive re-encoding."
     )
 
 

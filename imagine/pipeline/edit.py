@@ -356,28 +356,24 @@ class InpaintStage:
         scheduler = copy.deepcopy(self.scheduler)  # UniPC keeps per-run state; the shared one stays pristine
         scheduler.set_timesteps(num_inference_steps, device=device)
         total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = latents.to(transformer_dtype)
-            timestep = t.expand(latents.shape[0])
-            with self.transformer.cache_context("cond"):
-                noise_pred = self.transformer(
+
+        def predict(model_input: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, cache: str) -> torch.Tensor:
+            with self.transformer.cache_context(cache):
+                return self.transformer(
                     hidden_states=model_input,
                     timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=embeds,
                     control_hidden_states=conditioning,
                     control_hidden_states_scale=scale,
                     return_dict=False,
                 )[0]
+
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = latents.to(transformer_dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = predict(model_input, timestep, prompt_embeds, "cond")
             if do_cfg:
-                with self.transformer.cache_context("uncond"):
-                    noise_uncond = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=negative_embeds,
-                        control_hidden_states=conditioning,
-                        control_hidden_states_scale=scale,
-                        return_dict=False,
-                    )[0]
+                noise_uncond = predict(model_input, timestep, negative_embeds, "uncond")
                 noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if step_hook is not None:

@@ -30,18 +30,48 @@ class MuxInfo:
     bytes: int
 
 
-def _check_media(media: DecodedMedia, crf: int) -> None:
-    frames, audio = media.frames, media.audio
-    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+def check_rgb_frames(frames: Any, name: str = "frames", size_error: type[ValueError] = ValueError) -> np.ndarray:
+    """`frames` (a uint8 (F, H, W, 3) array or tensor) as a numpy array H.264 yuv420p can take, or a ValueError
+    naming `name` (`size_error` for an odd width or height)."""
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else frames
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
         raise ValueError(
-            f"media.frames must be uint8 (F, H, W, 3), got {getattr(frames, 'dtype', type(frames))} "
-            f"{getattr(frames, 'shape', '')}"
+            f"{name} must be uint8 (F, H, W, 3), got {getattr(array, 'dtype', type(array).__name__)} "
+            f"{tuple(getattr(array, 'shape', ()))}"
         )
-    if frames.shape[0] < 1:
-        raise ValueError("media.frames must hold at least one frame")
-    height, width = frames.shape[1:3]
+    if array.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one frame")
+    height, width = array.shape[1:3]
     if width % 2 or height % 2:
-        raise ValueError(f"media.frames size must be even for yuv420p, got {width}x{height}")
+        raise size_error(f"{name}: H.264 yuv420p needs an even size, got {width}x{height}")
+    return array
+
+
+def add_h264_stream(
+    container: av.container.OutputContainer, width: int, height: int, frame_rate: Fraction, crf: int, preset: str
+) -> av.VideoStream:
+    """Add an H.264 yuv420p stream at `frame_rate` (one frame per tick) to an output container."""
+    stream = container.add_stream("libx264", rate=frame_rate)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf), "preset": preset}
+    return stream
+
+
+def encode_frames(container: av.container.OutputContainer, stream: av.VideoStream, frames: np.ndarray) -> None:
+    """Encode uint8 (F, H, W, 3) RGB `frames` into `stream` (from `add_h264_stream`) and flush the encoder."""
+    time_base = 1 / Fraction(stream.codec_context.framerate)  # one tick per frame
+    for index in range(frames.shape[0]):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+        frame.pts = index
+        frame.time_base = time_base
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _check_media(media: DecodedMedia, crf: int) -> None:
+    check_rgb_frames(media.frames, "media.frames")
+    audio = media.audio
     if not isinstance(audio, np.ndarray) or audio.ndim != 2 or audio.shape[0] not in (1, 2):
         raise ValueError(f"media.audio must be (channels in 1..2, samples), got {getattr(audio, 'shape', audio)}")
     if media.sample_rate <= 0:
@@ -76,19 +106,10 @@ def mux_mp4(
     options = {} if hasattr(out, "write") else {"movflags": "+faststart"}
     container = av.open(target, mode="w", format="mp4", options=options)
     try:
-        video_stream = container.add_stream("libx264", rate=rate)
-        video_stream.width, video_stream.height = width, height
-        video_stream.pix_fmt = "yuv420p"
-        video_stream.options = {"crf": str(crf), "preset": preset}
+        video_stream = add_h264_stream(container, width, height, rate, crf, preset)
         audio_stream = container.add_stream("aac", rate=media.sample_rate, layout="stereo")
         audio_stream.format = "fltp"
-
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = index
-            frame.time_base = 1 / rate
-            container.mux(video_stream.encode(frame))
-        container.mux(video_stream.encode(None))
+        encode_frames(container, video_stream, frames)
 
         for offset in range(0, audio.shape[1], AUDIO_CHUNK):
             chunk = np.ascontiguousarray(audio[:, offset : offset + AUDIO_CHUNK])
