@@ -133,6 +133,58 @@ class RoutingConfig(_Strict):
     )
 
 
+class TilingConfig(BaseModel):
+    """Tile sizes for `DecoderStage`'s video decode. Tiling is used only for a clip larger than one tile, so clips up
+    to `tile_size_px` square and `tile_frames / 8` latent frames long (`tile_frames - 7` frames: 57 by default)
+    decode in one piece, exactly as untiled; a larger one is tiled in every dimension where it exceeds the tile.
+
+    Sizes are in output pixels / frames and must be multiples of the VAE's compression (32 px, 8 frames for LTX-2);
+    the stage checks that against its VAE. A temporal tile of `tile_frames / 8` latent frames decodes to
+    `tile_frames - 7` frames. Consecutive tiles share an overlap in which they are linearly cross-faded, hiding the
+    seams of decoders whose receptive field is wider than the overlap (every real one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tile_size_px: int = Field(512, ge=1, description="Height and width of a spatial tile in output pixels.")
+    tile_overlap_px: int = Field(
+        64, ge=0, description="Pixels shared (cross-faded) by neighbouring spatial tiles; 0 gives hard seams."
+    )
+    tile_frames: int = Field(64, ge=1, description="Length of a temporal tile in output frames.")
+    tile_overlap_frames: int = Field(
+        24,
+        ge=1,
+        description="Frames shared by consecutive temporal tiles; at least one latent frame (8), since a tile's first "
+        "latent frame decodes to a single frame. The cross-fade spans this minus 7 frames.",
+    )
+
+    @model_validator(mode="after")
+    def _check_overlaps(self) -> TilingConfig:
+        if self.tile_overlap_px >= self.tile_size_px:
+            raise ValueError(
+                f"tile_overlap_px ({self.tile_overlap_px}) must be smaller than tile_size_px ({self.tile_size_px})"
+            )
+        if self.tile_overlap_frames >= self.tile_frames:
+            raise ValueError(
+                f"tile_overlap_frames ({self.tile_overlap_frames}) must be smaller than tile_frames ({self.tile_frames})"
+            )
+        return self
+
+    def latent_tiles(self, spatial_ratio: int, temporal_ratio: int) -> tuple[int, int, int, int]:
+        """(spatial tile, spatial overlap, temporal tile, temporal overlap) in latent units for a VAE with these
+        compression ratios; raise naming the field that is not a multiple of its ratio."""
+        fields = (
+            ("tile_size_px", spatial_ratio),
+            ("tile_overlap_px", spatial_ratio),
+            ("tile_frames", temporal_ratio),
+            ("tile_overlap_frames", temporal_ratio),
+        )
+        for name, ratio in fields:
+            if getattr(self, name) % ratio:
+                raise ValueError(f"tiling.{name} must be a multiple of {ratio} for this VAE, got {getattr(self, name)}")
+        return tuple(getattr(self, name) // ratio for name, ratio in fields)  # type: ignore[return-value]
+
+
 class EditConfig(_Strict):
     """Instruction editing of videos: the masked video diffusion model, grounding and input limits."""
 
@@ -160,6 +212,15 @@ class EditConfig(_Strict):
     mp4_crf: int = Field(
         8, ge=0, le=51, description="x264 CRF of edit outputs: low, so unedited pixels survive re-encoding."
     )
+
+    @model_validator(mode="after")
+    def _check_feather(self) -> "EditConfig":
+        if self.feather_px > self.dilate_px // 2:
+            raise ValueError(
+                f"edit.feather_px ({self.feather_px}) must be at most dilate_px // 2 ({self.dilate_px // 2}), so "
+                "masked pixels keep full repaint weight"
+            )
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -290,6 +351,11 @@ class AppConfig(_Strict):
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Budget for routing long clips.")
     decoder: DeploymentConfig = Field(default_factory=_stage_default, description="VAE decode + mux + store.")
+    decode_tiling: TilingConfig | None = Field(
+        default_factory=TilingConfig,
+        description="Decode clips larger than one tile in overlapping tiles (bounded decoder memory); null: always "
+        "decode the whole clip at once.",
+    )
     edit: EditConfig = Field(default_factory=EditConfig, description="Instruction editing.")
     grounder: DeploymentConfig = Field(default_factory=_stage_default, description="Detector + SAM2 video masks.")
     editor: DeploymentConfig = Field(default_factory=_stage_default, description="Masked video diffusion + mux.")

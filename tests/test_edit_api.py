@@ -7,6 +7,7 @@ import base64
 import io
 import os
 
+import av
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +18,7 @@ from imagine.api.routes import create_api
 from imagine.api.schemas import EditRequest
 from imagine.api.service import JobService
 from imagine.config import AppConfig, KeyLimits
-from imagine.jobs import JobStatus, JobStore, NewJob
+from imagine.jobs import JobStore, NewJob
 from imagine.models.presets import get_preset
 from imagine.pipeline.mux import mux_mp4
 from imagine.pipeline.types import DecodedMedia
@@ -120,6 +121,28 @@ def test_edit_per_frame_boxes_and_mask_video(env, source_mp4):
 
 
 LONG = _mp4(frames=9 * 8, fps=8.0)  # 9 s > the 8.7 s default limit
+
+
+def _odd_or_mulaw(width: int, audio_codec: str | None) -> bytes:
+    """A clip the editor could not write back: an odd width (4:4:4 H.264 allows it, 4:2:0 does not), or audio in a
+    codec an MP4 cannot carry (in a QuickTime file)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mov") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = width, H, "yuv444p" if width % 2 else "yuv420p"
+        if audio_codec is not None:
+            audio = container.add_stream(audio_codec, rate=8000, layout="mono")
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1600), np.int16), format="s16", layout="mono")
+            samples.sample_rate, samples.pts = 8000, 0
+            container.mux(audio.encode(samples))
+            container.mux(audio.encode(None))
+        for _ in range(5):
+            frame = av.VideoFrame.from_ndarray(np.zeros((H, width, 3), np.uint8), format="rgb24")
+            container.mux(video.encode(frame.reformat(format=video.pix_fmt)))
+        container.mux(video.encode(None))
+    return buf.getvalue()
+
+
 BAD_EDITS = [
     # (body (video_id "DONE" is replaced by the done job's id), status, code, param)
     ({"prompt": "remove the dog", "video_id": "nope"}, 404, "not_found", "id"),
@@ -133,6 +156,9 @@ BAD_EDITS = [
     ({"prompt": "remove the dog", "video_url": "data:video/mp4;base64,%%%"}, 400, "invalid_video_url", "video_url"),
     ({"prompt": "remove the dog", "video_url": "data:image/png;base64,AAAA"}, 400, "invalid_video_url", "video_url"),
     ({"prompt": "remove the dog", "video_url": _uri(LONG)}, 422, "video_too_long", "video_url"),
+    ({"prompt": "remove the dog", "video_url": _uri(_odd_or_mulaw(W - 1, None))}, 422, "unsupported_video", "video_url"),
+    ({"prompt": "remove the dog", "video_url": _uri(_odd_or_mulaw(W, "pcm_mulaw"), "video/quicktime")}, 422,
+     "unsupported_video", "video_url"),
     ({"prompt": "remove the dog", "video_id": "DONE", "mask": {"boxes": [[0, 0, W + 1, 10]]}}, 422, "invalid_mask", "mask.boxes[0]"),
     ({"prompt": "remove the dog", "video_id": "DONE", "mask": {"boxes": [[5, 5, 5, 10]]}}, 422, "invalid_mask", "mask.boxes[0]"),
     ({"prompt": "remove the dog", "video_id": "DONE", "mask": {"boxes": [[-1, 0, 5, 10]]}}, 422, "invalid_mask", "mask.boxes[0]"),

@@ -1,5 +1,5 @@
 """GPU tier (run on a lent GPU machine; skipped without CUDA): the tiny denoiser on CUDA equals the CPU loop, and
-a 2-rank sequence-parallel group over NCCL (Ray rank actors, one GPU each) equals one GPU."""
+2-rank sequence- and tensor-parallel groups over NCCL (Ray rank actors, one GPU each) equal one GPU."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def test_tiny_denoiser_on_cuda_matches_cpu(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_sp2_over_nccl_equals_one_gpu(tmp_path):
+@pytest.mark.parametrize("parallel", [{"sequence": 2}, {"tensor": 2}], ids=["sp2", "tp2"])
+def test_two_ranks_over_nccl_equal_one_gpu(tmp_path, parallel):
     import ray
 
     from imagine.serving.ranks import RankGroup
@@ -48,13 +49,13 @@ def test_sp2_over_nccl_equals_one_gpu(tmp_path):
     single, embeddings = _denoise(model_dir, "cuda")
     config = AppConfig.model_validate(
         {"home": str(tmp_path), "model": {"preset": "tiny", "device": "cuda"},
-         "denoiser": {"parallel": {"sequence": 2}}, "edit": {"enabled": False}}
+         "denoiser": {"parallel": parallel}, "edit": {"enabled": False}}
     )
     ray.init(num_gpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         with RankGroup(2, functools.partial(DenoiserRank, config, "denoiser"), "cuda") as group:
             loop = _RankedLoop(group)
-            done, total = loop.begin(SPEC, embeddings.to_cpu(), None)  # as the encoder replica hands them over
+            done, total = loop.begin(SPEC, embeddings.to_cpu(), None)  # as TextEncoderServer hands them over
             while done < total:
                 done = loop.step()
             parallel = loop.finish()

@@ -16,6 +16,7 @@ import av
 from imagine.api.errors import ApiError
 from imagine.api.schemas import Box, EditRequest, MaskSpec
 from imagine.config import EditConfig
+from imagine.pipeline.media import mp4_accepts
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
@@ -68,6 +69,7 @@ def probe_video(data: bytes, field: str) -> SourceInfo:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             has_audio = bool(container.streams.audio)
+            audio_codec = container.streams.audio[0].codec_context.name if has_audio else None
             first = next(container.decode(video=0), None)
             if first is None:
                 raise ApiError(400, "invalid_video", f"{field} has no decodable video frame", field)
@@ -80,6 +82,16 @@ def probe_video(data: bytes, field: str) -> SourceInfo:
         raise ApiError(400, "invalid_video", f"{field} could not be decoded as a video: {e}", field) from e
     if not rate or frames < 1:
         raise ApiError(400, "invalid_video", f"{field} has no frame rate or no frames", field)
+    # what the editor could only find out after the repaint: the output keeps the size (H.264 4:2:0 needs it even)
+    # and copies the audio packets (the MP4 muxer must accept the codec)
+    if width % 2 or height % 2:
+        raise ApiError(
+            422, "unsupported_video", f"{field} is {width}x{height}; edits need an even width and height", field
+        )
+    if audio_codec is not None and not mp4_accepts(audio_codec):
+        raise ApiError(
+            422, "unsupported_video", f"{field} has {audio_codec!r} audio, which an MP4 cannot carry; use AAC", field
+        )
     fps = float(rate)
     return SourceInfo(width, height, frames, fps, frames / fps, has_audio)
 

@@ -118,10 +118,13 @@ def _gather_shard_table(module: torch.nn.Module, tp_size: int) -> _ShardTable:
             names.append(name)
             split_dims.append(split_dim)
             local.append(int(layer.weight.shape[split_dim]))
-    local_widths = torch.tensor(local, dtype=torch.int64)
+    # NCCL only moves CUDA tensors: gather on this rank's GPU there, on the CPU under gloo
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    local_widths = torch.tensor(local, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local_widths) for _ in range(tp_size)]
     torch.distributed.all_gather(gathered, local_widths)
-    return _ShardTable(names, split_dims, torch.stack(gathered))
+    return _ShardTable(names, split_dims, torch.stack(gathered).cpu())
 
 
 def _linear_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:

@@ -17,63 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imagine.config import TilingConfig
 from imagine.pipeline.types import DecodedMedia, Latents, require_components
 
 DECODER_COMPONENTS = ["vae", "audio_vae", "vocoder"]
-
-
-class TilingConfig(BaseModel):
-    """Tile sizes for `DecoderStage`'s video decode. Tiling is used only for a clip larger than one tile, so clips up
-    to `tile_size_px` square and `tile_frames / 8` latent frames long (`tile_frames - 7` frames: 57 by default)
-    decode in one piece, exactly as untiled; a larger one is tiled in every dimension where it exceeds the tile.
-
-    Sizes are in output pixels / frames and must be multiples of the VAE's compression (32 px, 8 frames for LTX-2);
-    the stage checks that against its VAE. A temporal tile of `tile_frames / 8` latent frames decodes to
-    `tile_frames - 7` frames. Consecutive tiles share an overlap in which they are linearly cross-faded, hiding the
-    seams of decoders whose receptive field is wider than the overlap (every real one).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tile_size_px: int = Field(512, ge=1, description="Height and width of a spatial tile in output pixels.")
-    tile_overlap_px: int = Field(
-        64, ge=0, description="Pixels shared (cross-faded) by neighbouring spatial tiles; 0 gives hard seams."
-    )
-    tile_frames: int = Field(64, ge=1, description="Length of a temporal tile in output frames.")
-    tile_overlap_frames: int = Field(
-        24,
-        ge=1,
-        description="Frames shared by consecutive temporal tiles; at least one latent frame (8), since a tile's first "
-        "latent frame decodes to a single frame. The cross-fade spans this minus 7 frames.",
-    )
-
-    @model_validator(mode="after")
-    def _check_overlaps(self) -> TilingConfig:
-        if self.tile_overlap_px >= self.tile_size_px:
-            raise ValueError(
-                f"tile_overlap_px ({self.tile_overlap_px}) must be smaller than tile_size_px ({self.tile_size_px})"
-            )
-        if self.tile_overlap_frames >= self.tile_frames:
-            raise ValueError(
-                f"tile_overlap_frames ({self.tile_overlap_frames}) must be smaller than tile_frames ({self.tile_frames})"
-            )
-        return self
-
-    def latent_tiles(self, spatial_ratio: int, temporal_ratio: int) -> tuple[int, int, int, int]:
-        """(spatial tile, spatial overlap, temporal tile, temporal overlap) in latent units for a VAE with these
-        compression ratios; raise naming the field that is not a multiple of its ratio."""
-        fields = (
-            ("tile_size_px", spatial_ratio),
-            ("tile_overlap_px", spatial_ratio),
-            ("tile_frames", temporal_ratio),
-            ("tile_overlap_frames", temporal_ratio),
-        )
-        for name, ratio in fields:
-            if getattr(self, name) % ratio:
-                raise ValueError(f"tiling.{name} must be a multiple of {ratio} for this VAE, got {getattr(self, name)}")
-        return tuple(getattr(self, name) // ratio for name, ratio in fields)  # type: ignore[return-value]
 
 
 def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:

@@ -102,6 +102,11 @@ def _mp4_codecs() -> frozenset[str]:
         container.close()
 
 
+def mp4_accepts(codec: str) -> bool:
+    """Whether an MP4 can carry a stream of this FFmpeg codec as is (so its packets can be copied)."""
+    return codec in _mp4_codecs()
+
+
 def _open_input(src: bytes | Path, param: str) -> av.container.InputContainer:
     try:
         return av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src), mode="r")
@@ -151,7 +156,7 @@ def read_video(src: str | os.PathLike | bytes, max_frames: int | None = None) ->
                 sample_rate=int(ctx.sample_rate),
                 channels=int(ctx.channels),
                 duration_s=(float(audio_stream.duration * audio_stream.time_base) if audio_stream.duration else None),
-                mp4_copyable=ctx.name in _mp4_codecs(),
+                mp4_copyable=mp4_accepts(ctx.name),
             )
         width, height = stream.codec_context.width, stream.codec_context.height
         try:

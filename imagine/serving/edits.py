@@ -33,13 +33,14 @@ def _read_source(artifacts: Any, key: str, tmp: Path) -> Any:
     return read_video(path), path
 
 
-def explicit_masks(job: JobRecord, artifacts: Any, tmp: Path) -> torch.Tensor | None:
-    """The request's own mask as (F, H, W) bool: boxes for every frame, per-frame boxes, or a mask video."""
+def explicit_masks(job: JobRecord, artifacts: Any, tmp: Path, shape: tuple[int, int, int]) -> torch.Tensor | None:
+    """The request's own mask as (F, H, W) bool for a source of decoded `shape` (F, H, W): boxes for every frame,
+    per-frame boxes, or a mask video."""
     from imagine.pipeline.grounding import boxes_to_masks
     from imagine.pipeline.media import read_video
 
     p = job.params
-    f, h, w = p["num_frames"], p["height"], p["width"]
+    f, h, w = shape
     mask = p.get("mask") or {}
     if "boxes" in mask:
         return boxes_to_masks(mask["boxes"], f, h, w)
@@ -76,21 +77,25 @@ class GrounderServer(_StageHost):
         # the word path runs end to end on the embedded default (its masks are as meaningless as its video)
         return GroundingStage(components, self.device, self.dtype, top1_fallback=builtin)
 
-    async def ground(self, job: JobRecord) -> tuple[torch.Tensor, float]:
+    async def ground(self, job: JobRecord) -> dict[str, Any]:
+        """{"masks": (F, H, W) bool on the CPU, "seconds": wall time}; the scheduler hands the response to the
+        editor unawaited, so the masks travel grounder -> editor only."""
         return await self.run_on_torch_thread(self._ground, job)
 
-    def _ground(self, job: JobRecord) -> tuple[torch.Tensor, float]:
+    def _ground(self, job: JobRecord) -> dict[str, Any]:
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="imagine-ground-") as tmp:
-            source, _ = _read_source(self.artifacts, job.params["source_key"], Path(tmp))
-        # the ingress parsed the same text already (422 otherwise); parsing again is cheap and exact
-        # no dilation here: the editor grows every mask (grounded or explicit) by `edit.dilate_px` itself
-        masks, info = self.grounding.masks_for(job.params["prompt"], source.frames, dilate_px=0)
-        elapsed = time.perf_counter() - started
+        try:
+            with tempfile.TemporaryDirectory(prefix="imagine-ground-") as tmp:
+                source, _ = _read_source(self.artifacts, job.params["source_key"], Path(tmp))
+            # the ingress parsed the same text already (422 otherwise); parsing again is cheap and exact
+            # no dilation here: the editor grows every mask (grounded or explicit) by `edit.dilate_px` itself
+            masks, info = self.grounding.masks_for(job.params["prompt"], source.frames, dilate_px=0)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.meter(job, "grounder", elapsed)  # a failed attempt used the device too
         logger.info("job %s grounded %r in %.2fs: %s", job.id, job.params["instruction"].get("target"), elapsed,
                     {k: v for k, v in info.items() if k in ("source", "phrase", "coverage")})
-        self.meter(job, "grounder", elapsed)
-        return masks.bool().cpu(), elapsed
+        return {"masks": masks.bool().cpu(), "seconds": elapsed}
 
 
 class EditorServer(_StageHost):
@@ -111,25 +116,34 @@ class EditorServer(_StageHost):
         loaded = load_components(model_dir, InpaintStage.components, self.device, self.dtype)
         cfg = self.config.edit
         return InpaintStage(
-            loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=min(cfg.feather_px, cfg.dilate_px // 2),
+            loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=cfg.feather_px,
             max_pixels=cfg.max_work_pixels,
         )
 
-    async def edit(self, job: JobRecord, masks: torch.Tensor | None, artifact_key: str) -> dict[str, Any]:
-        return await self.run_on_torch_thread(self._edit, job, masks, artifact_key)
+    async def edit(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str) -> dict[str, Any]:
+        """Repaint `grounded["masks"]` (the grounder's answer), or the request's explicit mask when None."""
+        return await self.run_on_torch_thread(self._edit, job, grounded, artifact_key)
 
-    def _edit(self, job: JobRecord, masks: torch.Tensor | None, artifact_key: str) -> dict[str, Any]:
+    def _edit(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return self._repaint(job, grounded, artifact_key, started)
+        finally:
+            self.meter(job, "editor", time.perf_counter() - started)  # done, cancelled or failed: metered once
+
+    def _repaint(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str, started: float) -> dict[str, Any]:
         from imagine.pipeline.edit import edit_prompt
         from imagine.pipeline.media import remux_with_source_audio
 
         p = job.params
-        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
             tmp = Path(tmp_dir)
             source, source_path = _read_source(self.artifacts, p["source_key"], tmp)
             decoded = time.perf_counter()
-            if masks is None:
-                masks = explicit_masks(job, self.artifacts, tmp)
+            if grounded is None:
+                masks = explicit_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+            else:
+                masks = grounded["masks"]
             text = edit_prompt(p["instruction"], p["prompt"], p.get("negative_prompt") or "")
 
             def step_hook(done: int, steps: int) -> None:
@@ -145,7 +159,6 @@ class EditorServer(_StageHost):
                     p["guidance_scale"], step_hook=step_hook,
                 )
             except _EditCancelled:
-                self.meter(job, "editor", time.perf_counter() - started)
                 return {"status": "cancelled"}
             inpainted = time.perf_counter()
             out = tmp / "edited.mp4"
@@ -153,10 +166,10 @@ class EditorServer(_StageHost):
                 frames, source.frame_rate, source_path, out, crf=self.config.edit.mp4_crf, preset=self.config.mp4_preset
             )
             size = self.artifacts.put_file(artifact_key, out)
-        self.meter(job, "editor", time.perf_counter() - started)
         return {
             "status": "done",
             "stage_seconds": {
+                "grounding": grounded["seconds"] if grounded is not None else 0.0,
                 "decode_source": decoded - started,
                 "inpaint": inpainted - decoded,
                 "mux_store": time.perf_counter() - inpainted,

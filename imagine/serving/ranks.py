@@ -293,14 +293,15 @@ class RankGroup:
                 args = tuple(_shared(a) for a in args)
                 kwargs = {k: _shared(v) for k, v in kwargs.items()}
             refs = [w.run.remote(method, *args, **kwargs) for w in workers]
-            return self._gather(refs, f"call {method!r}", self.call_timeout_s if timeout_s is None else timeout_s)
+            timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+            return self._gather(refs, f"call {method!r}", timeout_s, workers)
 
     def check_health(self, timeout_s: float = 10.0) -> None:
         """Raise `RankFailure` if the group is broken or a rank does not answer a ping within `timeout_s`; pings
         run beside a call in flight, so this suits Serve's `check_health`."""
         with self._state_lock:
             workers = self._usable_workers()
-        self._gather([w.ping.remote() for w in workers], "ping", timeout_s)
+        self._gather([w.ping.remote() for w in workers], "ping", timeout_s, workers)
 
     # -- introspection --------------------------------------------------------------------------------------------
     @property
@@ -379,10 +380,10 @@ class RankGroup:
         with self._state_lock:
             self._workers, self._info, self._broken = workers, [], False
         deadline = time.monotonic() + self.setup_timeout_s
-        (master,) = self._gather([workers[0].rendezvous.remote()], "rendezvous", self.setup_timeout_s)
+        (master,) = self._gather([workers[0].rendezvous.remote()], "rendezvous", self.setup_timeout_s, workers)
         addr, port = master
         refs = [w.setup.remote(addr, port, self.backend, self.factory, self.collective_timeout_s) for w in workers]
-        info = self._gather(refs, "setup", max(0.0, deadline - time.monotonic()))
+        info = self._gather(refs, "setup", max(0.0, deadline - time.monotonic()), workers)
         with self._state_lock:
             if self._workers is workers:  # not killed meanwhile by shutdown()
                 self._info = info
@@ -395,9 +396,12 @@ class RankGroup:
             port,
         )
 
-    def _gather(self, refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -> list[Any]:
-        """Wait for one result per rank (refs in rank order). On the first failure or the timeout: kill all ranks,
-        mark the group broken and raise `RankFailure` naming the rank to blame."""
+    def _gather(
+        self, refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None, workers: Sequence[Any]
+    ) -> list[Any]:
+        """Wait for one result per rank (refs in rank order, sent to `workers`). On the first failure or the
+        timeout: kill those ranks, mark the group broken (if they are still its ranks) and raise `RankFailure`
+        naming the rank to blame."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
@@ -406,7 +410,7 @@ class RankGroup:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
             if not ready:
-                self._fail()
+                self._fail(workers)
                 late = sorted(rank_of[r] for r in pending)
                 raise RankFailure(
                     f"{what}: rank(s) {late} of {len(refs)} did not finish within {timeout_s}s; killed all ranks"
@@ -417,7 +421,7 @@ class RankGroup:
             except RayError as first:
                 # let the peers report too (bounded), so the error can name the rank that caused it
                 more = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)[0] if pending else []
-                self._fail()
+                self._fail(workers)
                 raise _blame(what, {rank_of[r]: r for r in [ref, *more]}) from first
         return [results[rank] for rank in range(len(refs))]
 
@@ -431,13 +435,19 @@ class RankGroup:
             raise RuntimeError("RankGroup is not started")
         return list(self._workers)
 
-    def _fail(self) -> None:
-        self._kill_ranks(broken=True)
+    def _fail(self, workers: Sequence[Any]) -> None:
+        """The call to `workers` failed: kill them and break the group, unless `restart()` already replaced them
+        (a late ping of the old ranks, say, must not kill the new ones)."""
+        self._kill_ranks(broken=True, only=workers)
 
-    def _kill_ranks(self, broken: bool = False) -> None:
-        """Kill every rank at once (no graceful teardown: a rank may be stuck in a collective)."""
+    def _kill_ranks(self, broken: bool = False, only: Sequence[Any] | None = None) -> None:
+        """Kill every rank at once (no graceful teardown: a rank may be stuck in a collective). With `only`: just
+        those ranks, and the group's state changes only if they are its current ranks."""
         with self._state_lock:
-            workers, self._workers, self._info, self._broken = self._workers, [], [], broken
+            current = bool(self._workers) and (only is None or (bool(only) and self._workers[0] is only[0]))
+            workers = list(only) if only is not None else self._workers
+            if current:
+                self._workers, self._info, self._broken = [], [], broken
         for worker in workers:
             ray.kill(worker, no_restart=True)
 

@@ -202,16 +202,15 @@ class SchedulerServer:
         """Grounding (unless the request gave a mask) -> masked repaint + composite + mux in the editor."""
         if self.editor is None:
             raise RuntimeError("this app does not deploy the editor")
-        masks = None
-        grounding_s = 0.0
+        grounded = None
         if job.params.get("mask") is None and not job.params.get("mask_key"):
             if self.grounder is None:
                 raise RuntimeError("this app does not deploy the grounder")
-            masks, grounding_s = await self.grounder.ground.remote(job)
-        result = await self.editor.edit.remote(job, masks, output_video_key(job.id))
+            # not awaited: Serve resolves it in the editor, so the (F, H, W) masks never pass through here
+            grounded = self.grounder.ground.remote(job)
+        result = await self.editor.edit.remote(job, grounded, output_video_key(job.id))
         release_slot()
         if result.get("status") == "cancelled":
             await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt)
             return
-        result["stage_seconds"]["grounding"] = grounding_s
         await self._finish(job, result)

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 # share of job progress the denoising loop covers; decode + mux + store take the rest
 DENOISE_PROGRESS_SHARE = 0.95
+# a parallel denoiser replica whose rank group failed to rebuild this many times in a row asks Serve to replace it
+MAX_FAILED_RESTARTS = 3
 
 
 def served_preset(config: AppConfig) -> ModelPreset:
@@ -152,7 +154,9 @@ class TextEncoderServer(_StageHost):
         started = time.perf_counter()
         embeddings = self.stage(prompt, negative_prompt, guidance)
         self.meter(job, "text_encoder", time.perf_counter() - started)
-        return embeddings
+        # on the CPU: a parallel denoiser replica holds no GPU itself (its ranks do), so it cannot unpickle CUDA
+        # tensors; the loop moves them to its device (a few hundred KB per prompt)
+        return embeddings.to_cpu()
 
 
 class _LocalLoop:
@@ -212,9 +216,14 @@ class DenoiserRank(_LocalLoop):
         with torch.inference_mode():
             return super().step()
 
-    def finish(self) -> Latents:
+    def snapshot(self) -> DenoiseState | None:
+        state = super().snapshot()
+        return state if self.rank == 0 else None  # every rank holds the same state: only rank 0's travels
+
+    def finish(self) -> Latents | None:
         with torch.inference_mode():
-            return super().finish()
+            latents = super().finish()
+        return latents if self.rank == 0 else None
 
 
 class _RankedLoop:
@@ -223,11 +232,17 @@ class _RankedLoop:
 
     def __init__(self, group: Any):
         self.group = group
+        self.failed_restarts = 0  # in a row; the replica reports itself unhealthy past MAX_FAILED_RESTARTS
 
     def begin(self, spec: GenerationSpec, embeddings: PromptEmbeddings, resume: DenoiseState | None) -> tuple[int, int]:
         if not self.group.healthy:
             logger.warning("rank group is broken; restarting it")
-            self.group.restart()
+            try:
+                self.group.restart()
+            except Exception:
+                self.failed_restarts += 1
+                raise
+            self.failed_restarts = 0
         return self.group.call("begin", spec, embeddings, resume)
 
     def step(self) -> int:
@@ -280,18 +295,28 @@ class DenoiserServer(_StageHost):
         return group
 
     async def check_health(self) -> None:
-        """A broken group is rebuilt at the next job; a group that cannot answer pings marks the replica unhealthy
-        (Serve then replaces it, placement group and all)."""
-        if self.group is not None and self.group.healthy:
+        """A broken group is rebuilt at the next job; a group that cannot answer pings, or that failed to rebuild
+        `MAX_FAILED_RESTARTS` times in a row (a bad device, say), marks the replica unhealthy: Serve then replaces
+        it, placement group and all, possibly on another node."""
+        if self.group is None:
+            return
+        if self.loop.failed_restarts >= MAX_FAILED_RESTARTS:
+            raise RuntimeError(f"the rank group failed to restart {self.loop.failed_restarts} times in a row")
+        if self.group.healthy:
             await asyncio.to_thread(self.group.check_health)
 
     async def denoise(self, job: JobRecord, spec: GenerationSpec, embeddings: PromptEmbeddings) -> DenoiseOutcome:
         """Denoise `job` (resuming from its checkpoint if it has one) and meter the device time used."""
         self._denoising += 1
+        started = time.perf_counter()
         try:
             outcome = await self.run_on_torch_thread(
                 self._denoise, job.id, job.attempt, spec, embeddings, job.checkpoint_key
             )
+        except BaseException:
+            # a failed attempt (a lost rank, say) held its devices too: bill its cost, once, like any attempt
+            await asyncio.to_thread(self.meter, job, "denoiser", time.perf_counter() - started)
+            raise
         finally:
             self._denoising -= 1
         await asyncio.to_thread(self.meter, job, "denoiser", outcome.device_seconds)
@@ -352,7 +377,7 @@ class DecoderServer(_StageHost):
 
     def __init__(self, config: AppConfig):
         super().__init__(config)
-        self.stage = DecoderStage(self.loaded, self.device, self.dtype)
+        self.stage = DecoderStage(self.loaded, self.device, self.dtype, tiling=config.decode_tiling or False)
         self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
 
     async def decode(self, job: JobRecord, latents: Latents, artifact_key: str) -> dict[str, Any]:
