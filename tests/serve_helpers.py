@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -57,3 +59,27 @@ class Served:
 
     def wait_terminal(self, job_id: str, timeout: float = 180.0) -> dict:
         return self.wait_for(job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout)
+
+
+@contextmanager
+def serve_app(config: AppConfig, start_ray: bool = True) -> Iterator[Served]:
+    """Deploy `config`'s app on a local Ray (started here unless `start_ray` is False) with Serve's HTTP proxy on a
+    free loopback port; yield its client; tear everything down after."""
+    import ray
+    from ray import serve
+
+    if start_ray:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        served = Served(config, port)
+        try:
+            served.deploy()
+            yield served
+        finally:
+            served.http.close()
+            serve.shutdown()
+    finally:
+        if start_ray:
+            ray.shutdown()

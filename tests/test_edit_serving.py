@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from serve_helpers import SMALL, Served, free_port
+from serve_helpers import SMALL, Served, serve_app
 
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
@@ -51,21 +51,11 @@ def _config(home) -> AppConfig:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import ray
-    from ray import serve
-
     home = tmp_path_factory.mktemp("imagine-edit-home")
     for build in (ensure_tiny_ltx2, ensure_tiny_vace, ensure_tiny_grounding):  # once here, not in racing replicas
         build(home)
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    s = Served(_config(home), port)
-    s.deploy()
-    yield s
-    s.http.close()
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(_config(home)) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

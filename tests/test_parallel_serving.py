@@ -13,7 +13,7 @@ import signal
 import psutil
 import pytest
 import torch
-from serve_helpers import LONG, SMALL, Served, free_port
+from serve_helpers import LONG, SMALL, serve_app
 
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
@@ -98,15 +98,8 @@ def test_rank_workers_loop_equals_single_rank(home, ray_session, parallel):
 
 @pytest.fixture(scope="module")
 def served(home, ray_session):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    s = Served(_config(home, {"sequence": 2}), port)
-    s.deploy()
-    yield s
-    s.http.close()
-    serve.shutdown()
+    with serve_app(_config(home, {"sequence": 2}), start_ray=False) as served:
+        yield served
 
 
 def _rank_pids() -> list[int]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import LONG, SMALL, Served, free_port
+from serve_helpers import LONG, SMALL, Served, serve_app
 
 from imagine.config import AppConfig
 from imagine.models.tiny import ensure_tiny_ltx2
@@ -38,20 +38,10 @@ def _config(home: Path) -> AppConfig:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import ray
-    from ray import serve
-
     home = tmp_path_factory.mktemp("imagine-home")
     ensure_tiny_ltx2(home)  # build once here, not in four racing replicas
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    s = Served(_config(home), port)
-    s.deploy()
-    yield s
-    s.http.close()
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(_config(home)) as served:
+        yield served
 
 
 def test_three_concurrent_generations_are_valid_mp4s(served, tmp_path):
