@@ -61,6 +61,29 @@ def init_distributed(
         rank=rank,
         world_size=world_size,
     )
+    _unlink_shm_segment(rank, master_addr, master_port)
+
+
+def shm_segment_path(rank: int, master_addr: str, master_port: int) -> str:
+    """Where DeepSpeed's CPU shm all-reduce keeps `rank`'s workspace (`ops/csrc/cpu/comm/shm.cpp`)."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+def _unlink_shm_segment(rank: int, master_addr: str, master_port: int) -> None:
+    """DeepSpeed's CPU comm maps one ~67 MB POSIX shm segment per rank and never unlinks it, so every group
+    ever started leaks RAM into /dev/shm, dead or alive (hundreds of groups filled a 24 GiB machine and Ray's
+    OOM killer took the Serve controller). Once every rank has returned from init (the barrier), all peers have
+    mapped every segment; the name can go: mappings outlive the name, and nothing is left when ranks exit or
+    are killed."""
+    from deepspeed.comm import comm  # the module: `deepspeed.comm.cdb` is a stale import-time None
+
+    if getattr(comm.cdb, "shm_comm_op", None) is None:  # CUDA and other accelerators: no shm all-reduce
+        return
+    torch.distributed.barrier()
+    try:
+        os.unlink(shm_segment_path(rank, master_addr, master_port))
+    except FileNotFoundError:
+        pass
 
 
 def destroy_distributed() -> None:
