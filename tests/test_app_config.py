@@ -21,3 +21,35 @@ def test_denoiser_must_keep_a_replica_and_unknown_fields_fail():
 
 def test_default_config_builds():
     assert build_app({}) is not None
+
+
+def _deployments(app) -> dict:
+    """name -> bound Deployment of every node of a built app graph (ingress first)."""
+    from ray.serve.deployment import Application
+
+    out, todo = {}, [app]
+    while todo:
+        d = todo.pop()._bound_deployment
+        out[d.name] = d
+        for arg in [*d.init_args, *d.init_kwargs.values()]:
+            todo.extend(x for x in (arg.values() if isinstance(arg, dict) else [arg]) if isinstance(x, Application))
+    return out
+
+
+def test_shipped_serve_config_builds_every_deployment_with_its_options():
+    """`serve_config.yaml` as shipped: its args are valid AppConfig fields and every stage gets the file's options
+    (the e2e `serve deploy` test runs it with the edit path off, whose Serve tests are test_edit_serving.py)."""
+    from pathlib import Path
+
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    args = shipped["applications"][0]["args"]
+    deployments = _deployments(build_app(args))
+    assert set(deployments) == {"Ingress", "Scheduler", "TextEncoder", "Denoiser", "Decoder", "Grounder", "Editor"}
+    for name, key in [("Ingress", "ingress"), ("TextEncoder", "text_encoder"), ("Denoiser", "denoiser"),
+                      ("Decoder", "decoder"), ("Grounder", "grounder"), ("Editor", "editor")]:
+        d = deployments[name]
+        assert d.ray_actor_options["num_cpus"] == args[key]["num_cpus"], name
+        assert d.max_ongoing_requests == args[key]["max_ongoing_requests"], name
+    assert "Grounder" not in _deployments(build_app({**args, "edit": {"enabled": False}}))

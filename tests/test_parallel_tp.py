@@ -133,12 +133,50 @@ def _all_reduce_rank(rank: int, world_size: int) -> list[list[float]]:
     return [all_reduce_sum_(base.clone()).tolist(), all_reduce_sum_(transposed).t().tolist()]
 
 
+def _all_parts_rank(rank: int, world_size: int, embeddings) -> dict[str, Any]:
+    """Every rank body above in one process pair (each spawn re-imports torch, diffusers and DeepSpeed: ~10 s on
+    2 cores). A part that raises is reported as its traceback, so one failure does not hide the others."""
+    import traceback
+
+    parts = {
+        "text_encoder": lambda: _text_encoder_rank(rank, world_size),
+        "transformer_loop": lambda: _transformer_loop_rank(rank, world_size, embeddings),
+        "variant_forward": lambda: _variant_forward_rank(rank, world_size),
+        "all_reduce": lambda: _all_reduce_rank(rank, world_size),
+    }
+    out: dict[str, Any] = {}
+    for name, part in parts.items():
+        try:
+            out[name] = part()
+        except Exception:  # noqa: BLE001 - the test of that part fails with this text
+            out[name] = RuntimeError(traceback.format_exc())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_results() -> dict[str, Any]:
+    from imagine.models.tiny import build_tiny_components
+
+    components = build_tiny_components()
+    embeddings = TextEncoderStage(components)(PROMPT, NEGATIVE)
+    per_rank = run_ranks(_all_parts_rank, 2, embeddings)
+    return {"components": components, "embeddings": embeddings, "per_rank": per_rank}
+
+
+def _part(tp_results: dict[str, Any], name: str) -> list[Any]:
+    out = [r[name] for r in tp_results["per_rank"]]
+    for rank, value in enumerate(out):
+        if isinstance(value, RuntimeError):
+            pytest.fail(f"rank {rank} failed in {name}:\n{value}")
+    return out
+
+
 # --- tests ------------------------------------------------------------------------------------------------------
 
 
-def test_text_encoder_tp2_matches_single_process():
+def test_text_encoder_tp2_matches_single_process(tp_results):
     expected = TextEncoderStage(components_with_tp_text_encoder())(PROMPT, NEGATIVE)
-    results = run_ranks(_text_encoder_rank, 2)
+    results = _part(tp_results, "text_encoder")
     for result in results:
         assert result["coarse_error"] is not None and "tp_grain_size" in result["coarse_error"]
         assert result["q_proj"] == (16, 32)  # 2 heads x 16 of 32 input features: half the heads per rank
@@ -148,13 +186,9 @@ def test_text_encoder_tp2_matches_single_process():
         assert torch.equal(torch.from_numpy(result["attention_mask"]), expected.attention_mask)
 
 
-def test_transformer_tp2_sampling_loop_matches_single_process():
-    from imagine.models.tiny import build_tiny_components
-
-    components = build_tiny_components()
-    embeddings = TextEncoderStage(components)(PROMPT, NEGATIVE)
-    expected = DenoiserStage(components)(spec(), embeddings)
-    results = run_ranks(_transformer_loop_rank, 2, embeddings)
+def test_transformer_tp2_sampling_loop_matches_single_process(tp_results):
+    expected = DenoiserStage(tp_results["components"])(spec(), tp_results["embeddings"])
+    results = _part(tp_results, "transformer_loop")
     for rank, result in enumerate(results):
         info = result["info"]
         assert (info.tp_size, info.rank) == (2, rank)
@@ -168,15 +202,15 @@ def test_transformer_tp2_sampling_loop_matches_single_process():
         assert rel_err(audio, expected.audio) < TOLERANCE
 
 
-def test_transformer_tp2_interleaved_rope_and_gated_attention():
-    for per_rank in run_ranks(_variant_forward_rank, 2):
+def test_transformer_tp2_interleaved_rope_and_gated_attention(tp_results):
+    for per_rank in _part(tp_results, "variant_forward"):
         for video_err, audio_err in per_rank:
             assert video_err < TOLERANCE and audio_err < TOLERANCE
 
 
-def test_all_reduce_sum_reduces_non_contiguous_tensors():
+def test_all_reduce_sum_reduces_non_contiguous_tensors(tp_results):
     expected = (torch.arange(6, dtype=torch.float32).reshape(2, 3) * 3).tolist()
-    for contiguous, non_contiguous in run_ranks(_all_reduce_rank, 2):
+    for contiguous, non_contiguous in _part(tp_results, "all_reduce"):
         assert contiguous == expected
         assert non_contiguous == expected
 
