@@ -192,14 +192,31 @@ def test_cancel_queued_and_running(served):
     assert served.wait_terminal(after)["status"] == "done"
 
 
-def test_restart_loses_nothing(served):
+def _autoscaling(config: AppConfig) -> AppConfig:
+    """`config` with an autoscaling denoiser (1..2 replicas) whose job capacity follows the live replicas."""
+    config = config.model_copy(deep=True)
+    config.max_inflight_jobs = None
+    config.denoiser.autoscaling = config.denoiser.autoscaling.model_validate(
+        {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 2}
+    )
+    return config
+
+
+def _redeploy(served: Served, config: AppConfig) -> None:
     from ray import serve
 
+    served.config = config
+    serve.delete("imagine")  # every replica dies, mid-job if one is running
+    served.deploy()
+
+
+def test_restart_loses_nothing(served):
+    """The restart comes back with an autoscaling denoiser: the next test needs that deploy anyway (a deploy is
+    ~30 s on 2 cores), and a restart that also changes the config must lose nothing either."""
     running = served.submit(**{**SMALL, "num_inference_steps": 40})
     queued = [served.submit(seed=s, **SMALL) for s in range(3)]
     served.wait_for(running, lambda j: j["status"] == "running" and j["progress"] > 0)
-    serve.delete("imagine")  # every replica dies, mid-job
-    served.deploy()
+    _redeploy(served, _autoscaling(served.config))
     for job_id in [running, *queued]:
         job = served.wait_terminal(job_id, timeout=240)
         assert job["status"] == "done", job
@@ -211,21 +228,19 @@ def test_restart_loses_nothing(served):
 
 
 def test_denoisers_scale_up_on_queued_work_and_back_down(served):
-    """Last in this module: redeploys the app with an autoscaling denoiser (1..2 replicas)."""
+    """Last in this module: runs on the autoscaling denoiser (1..2 replicas) the restart test deployed, or deploys
+    it when run alone."""
     from ray import serve
 
     def denoiser_replicas() -> int:
         return serve.status().applications["imagine"].deployments["Denoiser"].replica_states.get("RUNNING", 0)
 
-    config = served.config.model_copy(deep=True)
-    config.max_inflight_jobs = None  # follow the live replicas
-    config.denoiser.autoscaling = config.denoiser.autoscaling.model_validate(
-        {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 2}
-    )
-    served.config = config
-    serve.delete("imagine")
-    served.deploy()
-    assert denoiser_replicas() == 1
+    if served.config.denoiser.autoscaling.min_replicas != 1 or served.config.max_inflight_jobs is not None:
+        _redeploy(served, _autoscaling(served.config))
+    deadline = time.monotonic() + 90
+    while denoiser_replicas() != 1:  # idle after the restart test's jobs: back at min_replicas
+        assert time.monotonic() < deadline, "the idle autoscaling denoiser did not settle at one replica"
+        time.sleep(0.5)
     ids = [served.submit(**{**LONG, "num_inference_steps": 60}) for _ in range(4)]
     deadline = time.monotonic() + 90
     while denoiser_replicas() < 2:
