@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from serve_helpers import LONG, SMALL, Served, serve_app
 
 from imagine.config import AppConfig
@@ -118,7 +119,7 @@ def test_image_to_video_through_serve(served):
     assert contents[0] != contents[1]
 
 
-def test_realtime_preempts_batch_and_the_batch_job_resumes_identically(served):
+def test_realtime_preempts_batch_and_the_batch_job_resumes_identically(served, tmp_path):
     params = {**SMALL, "num_inference_steps": 40, "seed": 11}
     reference = served.submit(**params)
     assert served.wait_terminal(reference)["status"] == "done"
@@ -143,9 +144,23 @@ def test_realtime_preempts_batch_and_the_batch_job_resumes_identically(served):
     assert store.get(victim).preemptions == 1 and store.get(victim).attempt == 2
     store.close()
     served.http.post(f"/v1/videos/{filler}/cancel")
-    # paused at a step boundary, checkpointed, resumed: the same video as an uninterrupted run
-    same = [served.http.get(f"/v1/videos/{j}/content").content for j in (reference, victim)]
-    assert same[0] == same[1]
+    # paused at a step boundary, checkpointed, resumed: the same video as an uninterrupted run. Not byte-equal MP4s:
+    # the two runs are different processes, and MKL's float32 GEMM is not bit-reproducible across them (a CI run had
+    # 0.1% of pixels off after x264 took one different decision, PSNR 63.8 dB). Measured in process on these params:
+    # a resume that loses step 20 changes 54% of the decoded pixels (PSNR 48 dB), one from fresh noise 99%.
+    from imagine.pipeline.media import read_video
+
+    frames = []
+    for j in (reference, victim):
+        path = tmp_path / f"{j}.mp4"
+        path.write_bytes(served.http.get(f"/v1/videos/{j}/content").content)
+        frames.append(read_video(path).frames.double())
+    assert frames[0].shape == frames[1].shape
+    diff = frames[0] - frames[1]
+    differing = float((diff != 0).double().mean())
+    assert differing < 0.01, f"{differing:.2%} of pixels differ"
+    if differing:
+        assert float(10 * torch.log10(255.0**2 / diff.square().mean())) > 50
 
 
 def _step_seconds(served: Served, job_id: str) -> float:
