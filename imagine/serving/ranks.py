@@ -433,7 +433,7 @@ class RankGroup:
             raise RankFailure("RankGroup is broken by an earlier failure; restart() it")
         if not self._workers or not self._info:
             raise RuntimeError("RankGroup is not started")
-        return list(self._workers)
+        return self._workers  # never mutated, only replaced: its identity tells a call's ranks from a restart's
 
     def _fail(self, workers: Sequence[Any]) -> None:
         """The call to `workers` failed: kill them and break the group, unless `restart()` already replaced them
@@ -444,9 +444,8 @@ class RankGroup:
         """Kill every rank at once (no graceful teardown: a rank may be stuck in a collective). With `only`: just
         those ranks, and the group's state changes only if they are its current ranks."""
         with self._state_lock:
-            current = bool(self._workers) and (only is None or (bool(only) and self._workers[0] is only[0]))
-            workers = list(only) if only is not None else self._workers
-            if current:
+            workers = self._workers if only is None else only
+            if workers and workers is self._workers:
                 self._workers, self._info, self._broken = [], [], broken
         for worker in workers:
             ray.kill(worker, no_restart=True)
