@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _source_mp4(home: Path, seconds: float, resolution: str) -> bytes:
     from imagine.models.tiny import ensure_tiny_ltx2
     from imagine.pipeline.generate import LocalGenerator
-    from imagine.pipeline.mux import mux_mp4
+    from imagine.pipeline.media import mux_mp4
     from imagine.pipeline.sizing import plan_video
     from imagine.pipeline.types import GenerationSpec
 
@@ -57,19 +57,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from imagine.config import EditConfig
+    from imagine.editing.grounding import load_grounding_stage
+    from imagine.editing.instructions import parse_instruction
     from imagine.models.loading import load_components
-    from imagine.models.tiny_grounding import ensure_tiny_grounding
+    from imagine.models.presets import get_preset
     from imagine.models.tiny_vace import ensure_tiny_vace
-    from imagine.pipeline.edit import EDIT_COMPONENTS, InpaintStage, prompt_for
-    from imagine.pipeline.grounding import GroundingStage, load_grounding_components
-    from imagine.pipeline.instructions import parse_instruction
-    from imagine.pipeline.media import EDIT_CRF, read_video, remux_with_source_audio
+    from imagine.pipeline.media import read_video, remux_with_source_audio
+    from imagine.pipeline.vace import EDIT_COMPONENTS, InpaintStage, prompt_for
 
     instruction = "remove the man walking in the background"
     with tempfile.TemporaryDirectory(prefix="imagine-edit-bench-") as tmp:
         home = Path(tmp)
         source_mp4 = _source_mp4(home, args.seconds, args.resolution)
-        grounding = GroundingStage(load_grounding_components(ensure_tiny_grounding(home)), top1_fallback=True)
+        grounding = load_grounding_stage(get_preset(EditConfig().grounding_preset), home)
         inpaint = InpaintStage(
             load_components(ensure_tiny_vace(home), EDIT_COMPONENTS, "cpu", torch.float32), max_pixels=args.work_pixels
         )
@@ -84,7 +85,7 @@ def main() -> None:
             t2 = time.perf_counter()
             frames = inpaint(source.frames, masks, prompts.prompt, prompts.negative_prompt, 1, args.steps)
             t3 = time.perf_counter()
-            remux_with_source_audio(frames, source.frame_rate, source, io.BytesIO(), crf=EDIT_CRF)
+            remux_with_source_audio(frames, source.frame_rate, source, io.BytesIO(), crf=EditConfig().mp4_crf)
             t4 = time.perf_counter()
             return {"decode_s": t1 - t0, "grounding_s": t2 - t1, "inpaint_s": t3 - t2, "mux_s": t4 - t3, "total_s": t4 - t0}
 

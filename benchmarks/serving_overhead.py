@@ -35,7 +35,7 @@ def main() -> int:
     from imagine.client import ImagineClient
     from imagine.models.tiny import ensure_tiny_ltx2
     from imagine.pipeline.generate import LocalGenerator
-    from imagine.pipeline.mux import mux_mp4
+    from imagine.pipeline.media import mux_mp4
     from imagine.pipeline.sizing import plan_video
     from imagine.pipeline.types import GenerationSpec
 

@@ -191,9 +191,13 @@ class EditConfig(_Strict):
     enabled: bool = Field(True, description="Serve `POST /v1/videos/edits` (loads the edit and grounding models).")
     preset: str = Field("tiny-vace", description="Masked video diffusion preset (family wan_vace).")
     source: str | None = Field(None, description="Override of the edit preset's weight location.")
-    grounding_source: str = Field(
-        "builtin:tiny-grounding",
-        description="GroundingDINO + SAM2 weights: `builtin:tiny-grounding` (random-init) or a local directory.",
+    grounding_preset: str = Field(
+        "tiny-grounding",
+        description="Grounding preset (family grounding): the GroundingDINO detector + SAM2 video segmenter that find "
+        "what an instruction names.",
+    )
+    grounding_source: str | None = Field(
+        None, description="Override of the grounding preset's weight location (a local directory or s3:// URI)."
     )
     max_source_s: float = Field(8.7, gt=0, le=120, description="Longest source video an edit accepts.")
     max_source_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest uploaded source video.")
@@ -231,6 +235,8 @@ class LimitsConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image (width x height).")
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest accepted JSON body.")
 
+
+EDIT_POOL = "editor"  # the denoiser pool of edit jobs (its preset is `edit.preset`)
 
 TIERS = ("realtime", "standard", "batch")  # strict priority order, highest first
 Tier = Literal["realtime", "standard", "batch"]
@@ -326,7 +332,8 @@ class AppConfig(_Strict):
         None,
         ge=1,
         le=10_000,
-        description="Jobs the scheduler lets denoise at once; None = denoiser max_replicas x max_ongoing_requests.",
+        description="Fixed number of jobs the scheduler lets the `denoiser` pool run at once; None = its RUNNING "
+        "replicas x max_ongoing_requests, as Serve reports them.",
     )
     poll_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the scheduler looks for queued jobs without a nudge."
@@ -358,7 +365,15 @@ class AppConfig(_Strict):
     )
     edit: EditConfig = Field(default_factory=EditConfig, description="Instruction editing.")
     grounder: DeploymentConfig = Field(default_factory=_stage_default, description="Detector + SAM2 video masks.")
-    editor: DeploymentConfig = Field(default_factory=_stage_default, description="Masked video diffusion + mux.")
+    edit_codec: DeploymentConfig = Field(
+        default_factory=_stage_default,
+        description="Edit conditioning and output: prompt + masked-source VAE encode, VAE decode + composite + mux.",
+    )
+    editor: DenoiserConfig = Field(
+        default_factory=lambda: DenoiserConfig(**_stage_default().model_dump()),
+        description="The edit pool: a denoiser pool whose model is `edit.preset` (Wan VACE), with its own parallel "
+        "degree; preempted, checkpointed and retried like the generation pools.",
+    )
 
     @field_validator("home", "artifacts_dir", mode="after")
     @classmethod
@@ -368,9 +383,9 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _check_denoiser_min(self) -> "AppConfig":
         # the denoiser scales on metrics its replicas export: with zero replicas nobody would report demand
-        for name, pool in self.denoiser_pools().items():
+        for name, pool in self.sampler_pools().items():
             if pool.autoscaling.min_replicas < 1:
-                where = "denoiser" if name == "denoiser" else f"denoiser_variants.{name}"
+                where = name if name in ("denoiser", "editor") else f"denoiser_variants.{name}"
                 raise ValueError(
                     f"{where}.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)"
                 )
@@ -391,6 +406,21 @@ class AppConfig(_Strict):
         """Every denoiser deployment by pool name, the default `denoiser` first."""
         return {"denoiser": self.denoiser, **self.denoiser_variants}
 
+    def sampler_pools(self) -> dict[str, DenoiserConfig]:
+        """Every denoiser pool by name: the generation pools, then `editor` (edits) when edits are on."""
+        pools = self.denoiser_pools()
+        if self.edit.enabled:
+            pools[EDIT_POOL] = self.editor
+        return pools
+
+    def pool_preset_name(self, pool: str) -> str:
+        """The model preset a pool's sampler runs: the edit preset for `editor`, the generation one otherwise."""
+        if pool == EDIT_POOL:
+            return self.edit.preset
+        if pool not in self.denoiser_pools():
+            raise ValueError(f"no denoiser pool {pool!r}; pools: {sorted(self.sampler_pools())}")
+        return self.model.preset
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'imagine.db'}"
@@ -398,9 +428,3 @@ class AppConfig(_Strict):
     @property
     def resolved_artifacts_dir(self) -> Path:
         return self.artifacts_dir or self.home / "artifacts"
-
-    @property
-    def resolved_max_inflight_jobs(self) -> int:
-        if self.max_inflight_jobs is not None:
-            return self.max_inflight_jobs
-        return self.denoiser.autoscaling.max_replicas * self.denoiser.max_ongoing_requests

@@ -1,17 +1,30 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the tiny model, the session's PostgreSQL server, the session's local Ray, and the
+auth-on API without Ray (`make_env`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from imagine.parallel.dist import free_port
+
+if TYPE_CHECKING:
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from imagine.api.service import JobService
+    from imagine.jobs import JobStore
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +48,6 @@ def _pg_binary(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[str]:
     """A real PostgreSQL (the installed binaries) for this session, trust auth on 127.0.0.1;
@@ -49,7 +56,7 @@ def postgresql_server() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="imagine-pg-"))
     if as_postgres:
         shutil.chown(base, "postgres", "postgres")
-    data, log, port = base / "data", base / "server.log", _free_port()
+    data, log, port = base / "data", base / "server.log", free_port()
 
     def run(*cmd: str) -> None:
         proc = subprocess.run([*as_postgres, *cmd], check=False, capture_output=True, text=True, timeout=120)
@@ -88,3 +95,121 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'imagine.db'}"
     return request.getfixturevalue("postgresql_url")
+
+
+# -- Ray: one local Ray for the whole Ray tier ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def _ray_temp_dir() -> Iterator[str]:
+    temp_dir = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
+    yield temp_dir
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_temp_dir: str) -> Iterator[None]:
+    """The session's local Ray, started by the first module that needs it and shared by every later one (Serve
+    apps are deployed and deleted per module). Only `test_placement.py` needs a multi-node `Cluster` of its own: it
+    shuts this one down, and the next module that asks starts it again. Workers import test modules by name (rank
+    objects defined in tests), hence PYTHONPATH."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level="ERROR",
+            _temp_dir=_ray_temp_dir,
+            runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR}},
+        )
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+# -- the HTTP API without Ray, auth on: FastAPI TestClient over a real job store (test_auth, test_admission,
+# test_idempotency) ----------------------------------------------------------------------------------------------
+@dataclass
+class ApiEnv:
+    client: TestClient
+    service: JobService
+    store: JobStore
+
+    def key(self, tenant: str = "acme", tier: str = "standard", **limits: Any) -> dict[str, str]:
+        """Headers of a new API key for `tenant`."""
+        from imagine.config import KeyLimits
+
+        key, _ = self.service.keys.create(tenant, tier, KeyLimits(**limits))
+        return {"Authorization": f"Bearer {key}"}
+
+    def create(self, headers: dict[str, str], **body: Any) -> httpx.Response:
+        return self.client.post("/v1/videos/generations", json={"prompt": "p", **body}, headers=headers)
+
+    def snapshot(self) -> list:
+        """Every stored job and idempotency record (a rejected request must change neither)."""
+        with self.store.engine.connect() as conn:
+            jobs = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM jobs ORDER BY id")]
+            keys = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM idempotency_keys ORDER BY id")]
+        return jobs + keys
+
+
+@pytest.fixture()
+def make_env() -> Iterator[Callable[..., ApiEnv]]:
+    """`make_env(home, **AppConfig fields)` -> an `ApiEnv` serving the tiny preset (its store closed after the test)."""
+    from fastapi.testclient import TestClient
+
+    from imagine.api.routes import create_api
+    from imagine.api.service import JobService
+    from imagine.config import AppConfig
+    from imagine.jobs import JobStore
+    from imagine.models.presets import get_preset
+    from imagine.storage import LocalArtifactStore
+
+    made: list[ApiEnv] = []
+
+    def make(home: Path, **config: Any) -> ApiEnv:
+        cfg = AppConfig.model_validate({"home": str(home), **config})
+        store = JobStore(cfg.resolved_database_url)
+        artifacts = LocalArtifactStore(cfg.resolved_artifacts_dir)
+        service = JobService(cfg, store, artifacts, {"tiny": get_preset("tiny")}, "tiny")
+        made.append(ApiEnv(TestClient(create_api(service), raise_server_exceptions=False), service, store))
+        return made[-1]
+
+    yield make
+    for env in made:
+        env.store.close()
+
+
+# -- tiers: every test module belongs to exactly one (pyproject markers); `-m "not ray"` is the fast loop ----------
+TIERS: dict[str, tuple[str, ...]] = {
+    "unit": (
+        "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_edit_api",
+        "test_idempotency", "test_instructions", "test_intake", "test_jobs", "test_layering", "test_ledger",
+        "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_routing",
+    ),
+    "pipeline": (
+        "test_dist", "test_grounding", "test_masks", "test_media", "test_models", "test_parallel_sp",
+        "test_parallel_tp", "test_pipeline", "test_runner", "test_tiled_decode", "test_vace",
+    ),
+    "ray": ("test_edit_serving", "test_parallel_serving", "test_placement", "test_ranks", "test_serving"),
+    "e2e": ("test_e2e",),
+    "gpu": ("test_gpu",),
+}
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its module's tier; an e2e test needs Ray too, so `-m "not ray"` leaves it out."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        tier = _TIER_OF.get(module)
+        if tier is None:
+            raise pytest.UsageError(f"{module}.py has no tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(tier)
+        if tier == "e2e":
+            item.add_marker("ray")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,17 +9,12 @@ from contextlib import contextmanager
 import httpx
 
 from imagine.config import AppConfig
+from imagine.parallel.dist import free_port
 
 # small clips keep the suite fast on 2 cores: 1 s, 480x480 -> 25 frames
 SMALL = {"duration": 1, "resolution": "480p", "aspect_ratio": "1:1", "num_inference_steps": 3}
 # a job with many cheap steps, to observe and cancel mid-loop
 LONG = {"duration": 1, "resolution": "480p", "aspect_ratio": "16:9", "num_inference_steps": 100}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -62,24 +56,19 @@ class Served:
 
 
 @contextmanager
-def serve_app(config: AppConfig, start_ray: bool = True) -> Iterator[Served]:
-    """Deploy `config`'s app on a local Ray (started here unless `start_ray` is False) with Serve's HTTP proxy on a
-    free loopback port; yield its client; tear everything down after."""
+def serve_app(config: AppConfig) -> Iterator[Served]:
+    """Deploy `config`'s app on the session's Ray (the `ray_session` fixture must be up) with Serve's HTTP proxy on
+    a free loopback port; yield its client; shut Serve down after."""
     import ray
     from ray import serve
 
-    if start_ray:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    assert ray.is_initialized(), "serve_app needs the ray_session fixture"
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    served = Served(config, port)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        served = Served(config, port)
-        try:
-            served.deploy()
-            yield served
-        finally:
-            served.http.close()
-            serve.shutdown()
+        served.deploy()
+        yield served
     finally:
-        if start_ray:
-            ray.shutdown()
+        served.http.close()
+        serve.shutdown()

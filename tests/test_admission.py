@@ -7,19 +7,16 @@ import threading
 import time
 
 import pytest
-from test_auth import ApiEnv, make_env
 
 from imagine.jobs import JobStatus
 
 
 @pytest.fixture()
-def env(tmp_path, db_url):
-    e = make_env(tmp_path, database_url=db_url)
-    yield e
-    e.store.close()
+def env(tmp_path, db_url, make_env):
+    return make_env(tmp_path, database_url=db_url)
 
 
-def _assert_rejected(env: ApiEnv, headers: dict, code: str, max_retry_after: int = 60, **body) -> None:
+def _assert_rejected(env, headers: dict, code: str, max_retry_after: int = 60, **body) -> None:
     before = env.snapshot()
     resp = env.create(headers, **body)
     assert resp.status_code == 429, resp.text
@@ -79,7 +76,7 @@ def test_daily_video_seconds_limit(env):
     _assert_rejected(env, headers, "daily_video_seconds_limit", max_retry_after=seconds_to_midnight + 1, duration=1)
 
 
-def test_tier_queue_full(tmp_path):
+def test_tier_queue_full(tmp_path, make_env):
     env = make_env(tmp_path, scheduling={"max_queued_per_tier": {"realtime": 5, "standard": 5, "batch": 1}})
     batch = env.key(tier="batch")
     assert env.create(batch).status_code == 202
@@ -90,7 +87,7 @@ def test_tier_queue_full(tmp_path):
     env.store.close()
 
 
-def test_default_limits_apply_to_keys_without_their_own_and_to_auth_off(tmp_path):
+def test_default_limits_apply_to_keys_without_their_own_and_to_auth_off(tmp_path, make_env):
     env = make_env(tmp_path, auth={"default_limits": {"max_queued_jobs": 1}})
     own = env.key(max_queued_jobs=2)
     default = env.key()

@@ -11,8 +11,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from imagine.api.errors import ApiError
+from imagine.api.http import parse_range
 from imagine.api.routes import create_api
-from imagine.api.service import JobService, parse_range
+from imagine.api.service import JobService
 from imagine.config import AppConfig
 from imagine.jobs import JobStatus, JobStore
 from imagine.models.presets import get_preset
@@ -68,7 +69,7 @@ def test_image_is_stored_as_png(env):
     resp = client.post("/v1/videos/generations", json={"prompt": "p", "image_url": _png_data_uri()})
     assert resp.status_code == 202, resp.text
     job = store.get(resp.json()["request_id"])
-    img = Image.open(io.BytesIO(artifacts.read_bytes(job.params["image_key"])))
+    img = Image.open(io.BytesIO(artifacts.read_bytes(job.params.image_key)))
     assert img.format == "PNG" and img.size == (40, 30)
 
 

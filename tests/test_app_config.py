@@ -46,10 +46,13 @@ def test_shipped_serve_config_builds_every_deployment_with_its_options():
     shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
     args = shipped["applications"][0]["args"]
     deployments = _deployments(build_app(args))
-    assert set(deployments) == {"Ingress", "Scheduler", "TextEncoder", "Denoiser", "Decoder", "Grounder", "Editor"}
+    assert set(deployments) == {
+        "Ingress", "Scheduler", "TextEncoder", "Denoiser", "Decoder", "Grounder", "EditCodec", "Editor"
+    }
     for name, key in [("Ingress", "ingress"), ("TextEncoder", "text_encoder"), ("Denoiser", "denoiser"),
-                      ("Decoder", "decoder"), ("Grounder", "grounder"), ("Editor", "editor")]:
+                      ("Decoder", "decoder"), ("Grounder", "grounder"), ("EditCodec", "edit_codec"),
+                      ("Editor", "editor")]:
         d = deployments[name]
         assert d.ray_actor_options["num_cpus"] == args[key]["num_cpus"], name
         assert d.max_ongoing_requests == args[key]["max_ongoing_requests"], name
-    assert "Grounder" not in _deployments(build_app({**args, "edit": {"enabled": False}}))
+    assert not {"Grounder", "EditCodec", "Editor"} & set(_deployments(build_app({**args, "edit": {"enabled": False}})))

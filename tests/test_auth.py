@@ -1,67 +1,28 @@
-"""API keys and tenants without Ray: FastAPI TestClient over a real SQLite store, auth on.
-Also `ApiEnv`, the auth-on API fixture that tests/test_idempotency.py and tests/test_admission.py use."""
+"""API keys and tenants without Ray: FastAPI TestClient over a real SQLite store, auth on (`ApiEnv` and
+`make_env` in conftest.py)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from fastapi import APIRouter, Depends
 from fastapi.testclient import TestClient
 
-from imagine.api.auth import Principal, require_principal
+from imagine.api.auth import authenticate, principal_dependency
+from imagine.api.errors import ApiError
+from imagine.api.principal import Principal
 from imagine.api.routes import create_api
-from imagine.api.service import JobService
 from imagine.cli import main
-from imagine.config import AppConfig, KeyLimits
-from imagine.jobs import JobStatus, JobStore
-from imagine.models.presets import get_preset
-from imagine.storage import LocalArtifactStore
-
-CALLER = Depends(require_principal)
-
-
-@dataclass
-class ApiEnv:
-    client: TestClient
-    service: JobService
-    store: JobStore
-
-    def key(self, tenant: str = "acme", tier: str = "standard", **limits: Any) -> dict[str, str]:
-        """Headers of a new API key for `tenant`."""
-        key, _ = self.service.keys.create(tenant, tier, KeyLimits(**limits))
-        return {"Authorization": f"Bearer {key}"}
-
-    def create(self, headers: dict[str, str], **body: Any) -> httpx.Response:
-        return self.client.post("/v1/videos/generations", json={"prompt": "p", **body}, headers=headers)
-
-    def snapshot(self) -> list:
-        """Every stored job and idempotency record (a rejected request must change neither)."""
-        with self.store.engine.connect() as conn:
-            jobs = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM jobs ORDER BY id")]
-            keys = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM idempotency_keys ORDER BY id")]
-        return jobs + keys
-
-
-def make_env(home: Path, **config: Any) -> ApiEnv:
-    cfg = AppConfig.model_validate({"home": str(home), **config})
-    store = JobStore(cfg.resolved_database_url)
-    service = JobService(cfg, store, LocalArtifactStore(cfg.resolved_artifacts_dir), {"tiny": get_preset("tiny")}, "tiny")
-    return ApiEnv(TestClient(create_api(service), raise_server_exceptions=False), service, store)
+from imagine.jobs import JobStatus
 
 
 @pytest.fixture()
-def env(tmp_path):
-    e = make_env(tmp_path)
-    yield e
-    e.store.close()
+def env(tmp_path, make_env):
+    return make_env(tmp_path)
 
 
-def _finish(env: ApiEnv, job_id: str) -> None:
+def _finish(env, job_id: str) -> None:
     job = env.store.claim(job_id)
     env.service.artifacts.put_bytes(f"outputs/{job_id}/video.mp4", b"\0\0\0\x18ftypmp42" + b"x" * 100)
     env.store.complete(job_id, job.attempt, {
@@ -150,19 +111,29 @@ def test_unknown_priority_is_400(env):
     assert env.snapshot() == before
 
 
-def test_auth_off_is_the_default_tenant_at_realtime(tmp_path):
+def test_auth_off_is_the_default_tenant_at_realtime(tmp_path, make_env):
     env = make_env(tmp_path, auth={"enabled": False})
     rid = env.create({"X-Priority": "realtime", "Authorization": "Bearer whatever"}).json()["request_id"]
     job = env.store.get(rid)
     assert (job.tenant, job.priority, job.api_key_id) == ("default", "realtime", None)
-    env.store.close()
 
 
-def test_require_principal_serves_other_routers(env):
+def test_authenticate_needs_only_the_key_store_and_auth_config(env):
+    keys, auth = env.service.keys, env.service.config.auth
+    headers = env.key("acme", "batch", max_queued_jobs=2)
+    principal = authenticate(keys, auth, headers["Authorization"])
+    assert (principal.tenant, principal.tier, principal.limits.max_queued_jobs) == ("acme", "batch", 2)
+    with pytest.raises(ApiError) as e:
+        authenticate(keys, auth, None)
+    assert (e.value.status, e.value.code) == (401, "missing_api_key")
+
+
+def test_principal_dependency_serves_other_routers(env):
     router = APIRouter()
+    caller = Depends(principal_dependency(env.service.keys, env.service.config.auth))
 
     @router.get("/v1/whoami")
-    def whoami(principal: Principal = CALLER) -> dict:
+    def whoami(principal: Principal = caller) -> dict:
         return {"tenant": principal.tenant, "tier": principal.tier}
 
     app = create_api(env.service)
@@ -172,7 +143,7 @@ def test_require_principal_serves_other_routers(env):
     assert client.get("/v1/whoami").status_code == 401
 
 
-def test_keys_cli_create_list_revoke(tmp_path, capsys):
+def test_keys_cli_create_list_revoke(tmp_path, capsys, make_env):
     url = f"sqlite:///{tmp_path / 'imagine.db'}"
     assert main(["keys", "create", "--tenant", "acme", "--tier", "standard", "--max-queued", "3", "--database-url", url]) == 0
     out = capsys.readouterr()
@@ -204,7 +175,6 @@ def test_keys_cli_create_list_revoke(tmp_path, capsys):
     assert main(["keys", "revoke", "im_nothing", "--database-url", url]) == 2
     with pytest.raises(SystemExit):
         main(["keys", "create", "--tenant", "acme", "--tier", "gold", "--database-url", url])
-    env.store.close()
 
 
 def test_cli_client_commands_take_an_api_key(monkeypatch):

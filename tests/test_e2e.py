@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,13 @@ import pytest
 import yaml
 
 from imagine.models.tiny import ensure_tiny_ltx2
-from imagine.pipeline.mux import probe_mp4
+from imagine.parallel.dist import free_port
+from imagine.pipeline.media import probe
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -104,11 +98,11 @@ def test_imagine_up_generate_status_and_restart(tmp_path):
         )
         assert gen.returncode == 0, gen.stderr
         assert "wrote" in gen.stdout and "100/100" in gen.stderr  # the progress bar reached the end
-        info = probe_mp4(out)
-        assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
-        assert (info["width"], info["height"]) == (864, 480)
-        assert abs(info["num_frames"] - 24) <= 1
-        assert abs(info["audio_duration_s"] - info["video_duration_s"]) <= 0.1
+        info = probe(out)
+        assert info.video_codec == "h264" and info.audio_codec == "aac"
+        assert (info.width, info.height) == (864, 480)
+        assert abs(info.num_frames - 24) <= 1
+        assert abs(info.audio_duration_s - info.duration_s) <= 0.1
 
         job_id = gen.stderr.split("request_id:")[1].split()[0]
         status = subprocess.run(

@@ -11,16 +11,17 @@ import av
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from job_helpers import generation_job
 
-from imagine.api.auth import Principal
 from imagine.api.errors import ApiError
+from imagine.api.principal import Principal
 from imagine.api.routes import create_api
 from imagine.api.schemas import EditRequest
 from imagine.api.service import JobService
 from imagine.config import AppConfig, KeyLimits
-from imagine.jobs import JobStore, NewJob
+from imagine.jobs import EditInstruction, EditMask, EditParams, JobStore
 from imagine.models.presets import get_preset
-from imagine.pipeline.mux import mux_mp4
+from imagine.pipeline.media import mux_mp4
 from imagine.pipeline.types import DecodedMedia
 from imagine.storage import LocalArtifactStore
 
@@ -57,7 +58,7 @@ def env(tmp_path, source_mp4):
         config, store, artifacts, {"tiny": get_preset("tiny")}, "tiny", edit_presets={"tiny-vace": get_preset("tiny-vace")}
     )
     # a done generation of the default tenant to edit by id
-    done = store.create(NewJob(kind="generation", model="tiny", params={"duration": F / FPS, "resolution": "480p"}))
+    done = store.create(generation_job(params={"duration": F / FPS, "resolution": "480p"}))
     artifacts.put_bytes(f"outputs/{done.id}/video.mp4", source_mp4)
     job = store.claim(done.id)
     store.complete(done.id, job.attempt, {
@@ -84,9 +85,11 @@ def test_edit_by_id_with_words(env):
     job = store.get(resp.json()["request_id"])
     assert job.kind == "edit" and job.pool == "editor" and job.model == "tiny-vace"
     p = job.params
-    assert (p["width"], p["height"], p["num_frames"], p["fps"]) == (W, H, F, FPS)
-    assert p["source_key"] == f"outputs/{done_id}/video.mp4" and p["mask"] is None
-    assert p["instruction"]["op"] == "remove" and p["instruction"]["place"]["kind"] == "background"
+    assert isinstance(p, EditParams)
+    assert (p.width, p.height, p.num_frames, p.fps) == (W, H, F, FPS)
+    assert p.source_key == f"outputs/{done_id}/video.mp4" and p.mask is None and p.mask_key is None
+    assert p.instruction.op == "remove" and p.instruction.place.kind == "background"
+    assert p.instruction.target == "man walking" and p.source_job_id == done_id
     body = client.get(f"/v1/videos/{job.id}").json()
     assert body["kind"] == "edit" and body["status"] == "queued"
     assert "source_key" not in body["request"] and body["request"]["source_job_id"] == done_id
@@ -99,10 +102,11 @@ def test_edit_upload_with_boxes_and_free_text(env, source_mp4):
     })
     assert resp.status_code == 202, resp.text
     job = store.get(resp.json()["request_id"])
-    assert artifacts.read_bytes(job.params["source_key"]) == source_mp4
-    assert job.params["mask"] == {"boxes": [[4.0, 4.0, 30.5, 40.0]]}
-    assert job.params["instruction"]["op"] == "inpaint" and job.params["seed"] == 3
-    assert job.params["source_has_audio"] is True and job.params["resolution"] == "480p"
+    p = job.params
+    assert artifacts.read_bytes(p.source_key) == source_mp4 and p.source_job_id is None
+    assert p.mask == EditMask(boxes=[[4.0, 4.0, 30.5, 40.0]])
+    assert p.instruction == EditInstruction(op="inpaint", replacement="make it glow") and p.seed == 3
+    assert p.source_has_audio is True and p.resolution == "480p"
 
 
 def test_edit_per_frame_boxes_and_mask_video(env, source_mp4):
@@ -111,13 +115,13 @@ def test_edit_per_frame_boxes_and_mask_video(env, source_mp4):
         "prompt": "replace the car with a red bus", "video_id": done_id, "mask": {"frames": {"0": [[0, 0, 8, 8]], "3": []}},
     })
     assert resp.status_code == 202, resp.text
-    assert store.get(resp.json()["request_id"]).params["mask"] == {"frames": {"0": [[0.0, 0.0, 8.0, 8.0]], "3": []}}
+    assert store.get(resp.json()["request_id"]).params.mask == EditMask(frames={0: [[0.0, 0.0, 8.0, 8.0]], 3: []})
     mask = _mp4(value=255)
     resp = client.post("/v1/videos/edits", json={"prompt": "add a tree on the left", "video_id": done_id,
                                                   "mask": {"video_url": _uri(mask)}})
     assert resp.status_code == 202, resp.text
     job = store.get(resp.json()["request_id"])
-    assert artifacts.read_bytes(job.params["mask_key"]) == mask
+    assert job.params.mask == EditMask(video=True) and artifacts.read_bytes(job.params.mask_key) == mask
 
 
 LONG = _mp4(frames=9 * 8, fps=8.0)  # 9 s > the 8.7 s default limit
@@ -197,12 +201,12 @@ def test_unparseable_instruction_shows_accepted_forms(env):
 
 def test_not_done_and_other_tenants_videos(env):
     client, service, store, _, done_id = env
-    queued = store.create(NewJob(kind="generation", model="tiny", params={}))
+    queued = store.create(generation_job())
     resp = client.post("/v1/videos/edits", json={"prompt": "remove the dog", "video_id": queued.id})
     assert resp.status_code == 409 and resp.json()["error"]["param"] == "video_id"
     other = Principal(tenant="other", key_id="k2", tier="standard", limits=KeyLimits())
     with pytest.raises(ApiError) as e:
-        service.create_edit(EditRequest(prompt="remove the dog", video_id=done_id), other)
+        service.create("edit", EditRequest(prompt="remove the dog", video_id=done_id), other)
     assert e.value.status == 404
 
 

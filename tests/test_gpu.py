@@ -11,7 +11,9 @@ import torch
 from imagine.config import AppConfig
 from imagine.models.loading import load_components
 from imagine.models.tiny import ensure_tiny_ltx2
-from imagine.pipeline import DenoiserStage, GenerationSpec, TextEncoderStage
+from imagine.pipeline.denoise import DenoiserStage
+from imagine.pipeline.encode import TextEncoderStage
+from imagine.pipeline.types import GenerationSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -39,11 +41,9 @@ def test_tiny_denoiser_on_cuda_matches_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("parallel", [{"sequence": 2}, {"tensor": 2}], ids=["sp2", "tp2"])
-def test_two_ranks_over_nccl_equal_one_gpu(tmp_path, parallel):
-    import ray
-
-    from imagine.serving.ranks import RankGroup
-    from imagine.serving.stages import DenoiserRank, _RankedLoop
+def test_two_ranks_over_nccl_equal_one_gpu(tmp_path, parallel, ray_session):
+    from imagine.serving.ranks import RankedLoop, RankGroup
+    from imagine.serving.samplers import SamplerRank
 
     model_dir = ensure_tiny_ltx2(tmp_path)
     single, embeddings = _denoise(model_dir, "cuda")
@@ -51,15 +51,11 @@ def test_two_ranks_over_nccl_equal_one_gpu(tmp_path, parallel):
         {"home": str(tmp_path), "model": {"preset": "tiny", "device": "cuda"},
          "denoiser": {"parallel": parallel}, "edit": {"enabled": False}}
     )
-    ray.init(num_gpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        with RankGroup(2, functools.partial(DenoiserRank, config, "denoiser"), "cuda") as group:
-            loop = _RankedLoop(group)
-            done, total = loop.begin(SPEC, embeddings.to_cpu(), None)  # as TextEncoderServer hands them over
-            while done < total:
-                done = loop.step()
-            parallel = loop.finish()
-            assert sorted(i.gpu_ids for i in group.info) == [("0",), ("1",)]
-    finally:
-        ray.shutdown()
+    with RankGroup(2, functools.partial(SamplerRank, config, "denoiser"), "cuda") as group:
+        loop = RankedLoop(group)
+        done, total = loop.begin(SPEC, embeddings.to_cpu(), None)  # as TextEncoderServer hands them over
+        while done < total:
+            done = loop.step()
+        parallel = loop.finish()
+        assert sorted(i.gpu_ids for i in group.info) == [("0",), ("1",)]
     assert _rel_err(parallel.video, single.video) < 1e-3 and _rel_err(parallel.audio, single.audio) < 1e-3

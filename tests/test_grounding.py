@@ -1,4 +1,5 @@
-"""Grounding stage with tiny random-init GroundingDINO + SAM2 video models on CPU, and the model-free mask routes."""
+"""Grounding stage with tiny random-init GroundingDINO + SAM2 video models on CPU (loaded through the
+`tiny-grounding` preset), and the routes that run no model."""
 
 from __future__ import annotations
 
@@ -9,21 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from imagine.editing.grounding import GroundingError, GroundingStage, default_key_frames, load_grounding_stage
+from imagine.editing.instructions import parse_instruction, place_to_region
+from imagine.models.loading import ModelSourceError
+from imagine.models.presets import get_preset
 from imagine.models.tiny_grounding import (
+    GROUNDING_COMPONENTS,
     build_tiny_grounding_components,
     ensure_tiny_grounding,
     tiny_grounding_config_hash,
 )
-from imagine.pipeline.grounding import (
-    GroundingError,
-    GroundingStage,
-    boxes_to_masks,
-    default_key_frames,
-    dilate,
-    load_grounding_components,
-    temporal_smooth,
-)
-from imagine.pipeline.instructions import parse_instruction, place_to_region
+from imagine.pipeline.masks import boxes_to_masks
 
 F_, H_, W_ = 6, 96, 160  # small clip: every model call stays well under a second
 
@@ -34,14 +31,35 @@ def grounding_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def components(grounding_home: Path) -> dict[str, Any]:
-    return load_grounding_components(ensure_tiny_grounding(grounding_home))
+def loaded(grounding_home: Path) -> GroundingStage:
+    return load_grounding_stage(get_preset("tiny-grounding"), grounding_home)
+
+
+@pytest.fixture(scope="module")
+def components(loaded: GroundingStage) -> dict[str, Any]:
+    return loaded.components
 
 
 @pytest.fixture(scope="module")
 def stage(components: dict[str, Any]) -> GroundingStage:
     """Random weights detect nothing meaningful: keep each key frame's best box so the SAM2 path runs."""
     return GroundingStage(components, top1_fallback=True, max_objects=1)
+
+
+class _NotToBeRun:
+    """Stands in for a model on the routes that must not run one: any use fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a model was used ({name!r}) on a route that needs none")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model was run on a route that needs none")
+
+
+@pytest.fixture(scope="module")
+def model_free(components: dict[str, Any]) -> GroundingStage:
+    """A stage whose detector and SAM2 fail the test when used."""
+    return GroundingStage({**components, "detector": _NotToBeRun(), "sam2": _NotToBeRun()})
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +82,19 @@ def test_tiny_models_build_once_and_reload_bit_identical(grounding_home: Path, c
     assert components["detector_tokenizer"]("a dog.")["input_ids"] == fresh["detector_tokenizer"]("a dog.")["input_ids"]
 
 
-def test_load_rejects_a_directory_without_models(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="model_index.json"):
-        load_grounding_components(tmp_path)
+def test_the_preset_loads_through_the_one_loader(grounding_home: Path, loaded: GroundingStage) -> None:
+    assert sorted(loaded.components) == sorted(GROUNDING_COMPONENTS)
+    assert loaded.top1_fallback  # builtin random-init weights: keep each key frame's best box
+    local = get_preset("grounding").model_copy(update={"source": str(ensure_tiny_grounding(grounding_home))})
+    assert not load_grounding_stage(local, grounding_home).top1_fallback  # real weights use the thresholds
+
+
+def test_load_rejects_a_directory_without_models_and_other_families(tmp_path: Path) -> None:
+    empty = get_preset("grounding").model_copy(update={"source": str(tmp_path)})
+    with pytest.raises(ModelSourceError, match="model_index.json"):
+        load_grounding_stage(empty, tmp_path)
+    with pytest.raises(ValueError, match="grounding preset"):
+        load_grounding_stage(get_preset("tiny-vace"), tmp_path)
 
 
 def test_detect_returns_pixel_boxes_inside_the_frame(stage: GroundingStage, frames: np.ndarray) -> None:
@@ -116,70 +144,8 @@ def test_propagate_rejects_bad_boxes(
         stage.propagate(frames, boxes_by_frame)
 
 
-def test_boxes_to_masks_geometry_is_exact() -> None:
-    masks = boxes_to_masks([(2, 3, 5, 7), (1.5, 0.2, 2.1, 1.0)], 4, 10, 12)
-    expected = torch.zeros((10, 12), dtype=torch.bool)
-    expected[3:7, 2:5] = True  # rows y0..y1-1, columns x0..x1-1
-    expected[0:1, 1:3] = True  # fractional box: floor(x0)=1 .. ceil(x1)=3, floor(y0)=0 .. ceil(y1)=1
-    assert masks.shape == (4, 10, 12)
-    assert all(torch.equal(frame, expected) for frame in masks)
-
-    per_frame = boxes_to_masks(
-        [[(0, 0, 12, 10)], [], np.array([[4, 4, 6, 6]]), torch.tensor([[0, 0, 1, 1]])], 4, 10, 12
-    )
-    assert per_frame.sum(dim=(1, 2)).tolist() == [120, 0, 4, 1]
-
-
-@pytest.mark.parametrize(
-    ("boxes", "match"),
-    [
-        ([(0, 0, 13, 5)], r"boxes\[0\] \(0, 0, 13, 5\) must satisfy 0 <= x0 < x1 <= 12"),
-        ([(0, 0, 5, 5), (-1, 0, 5, 5)], r"boxes\[1\]"),
-        ([(5, 0, 5, 5)], r"boxes\[0\]"),  # x0 == x1
-        ([(0, 6, 5, 2)], r"boxes\[0\]"),  # y0 > y1
-        ([(0, 0, 5)], r"boxes\[0\] must be a box \(x0, y0, x1, y1\), got \(0, 0, 5\)"),
-        ([[(0, 0, 5, 5)], [(0, 0, 5, 11)], [], []], r"boxes\[1\]\[0\]"),
-        ([[(0, 0, 5, 5)]], "1 per-frame box lists for 4 frames"),
-        ([[(0, 0, 5, 5)], (0, 0, 5, 5), [], []], "not a mix"),
-        ([], "non-empty"),
-        ([("a", 0, 5, 5)], r"boxes\[0\] must be a box"),
-        ([(0, 0, 5, 5), [(0, 0, 5, 5)]], "not a mix"),
-    ],
-)
-def test_boxes_to_masks_rejects_bad_boxes(boxes: Any, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        boxes_to_masks(boxes, 4, 10, 12)
-
-
-def test_dilate_grows_by_the_radius() -> None:
-    masks = torch.zeros((2, 11, 13), dtype=torch.bool)
-    masks[0, 5, 6] = True
-    masks[1, 0, 0] = True
-    grown = dilate(masks, 2)
-    expected = torch.zeros_like(masks)
-    expected[0, 3:8, 4:9] = True  # the 5x5 square around (5, 6)
-    expected[1, 0:3, 0:3] = True  # clipped at the corner
-    assert torch.equal(grown, expected)
-    assert torch.equal(dilate(masks, 0), masks)
-    assert not dilate(masks, 0) is masks
-    with pytest.raises(ValueError, match="radius_px"):
-        dilate(masks, -1)
-    with pytest.raises(ValueError, match="bool"):
-        dilate(masks.float(), 1)  # type: ignore[arg-type]
-
-
-def test_temporal_smooth_fills_a_one_frame_hole() -> None:
-    present = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
-    masks = torch.tensor(present, dtype=torch.bool)[:, None, None].expand(10, 4, 4).clone()
-    assert temporal_smooth(masks, 3)[:, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
-    assert temporal_smooth(masks, 5)[:, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
-    assert torch.equal(temporal_smooth(masks, 1), masks)
-    with pytest.raises(ValueError, match="odd"):
-        temporal_smooth(masks, 2)
-
-
-def test_masks_for_explicit_boxes_needs_no_models(frames: np.ndarray) -> None:
-    stage = GroundingStage(None)
+def test_masks_for_explicit_boxes_needs_no_models(model_free: GroundingStage, frames: np.ndarray) -> None:
+    stage = model_free
     masks, info = stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 30, 40)], dilate_px=0, smooth=1)
     assert info["source"] == "explicit_boxes"
     assert torch.equal(masks, boxes_to_masks([(10, 10, 30, 40)], F_, H_, W_))
@@ -190,13 +156,16 @@ def test_masks_for_explicit_boxes_needs_no_models(frames: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("text", ["add a blooming tree on the left", "在画面左侧添加一棵开花的树"])
-def test_masks_for_add_paints_the_place_region(frames: np.ndarray, text: str) -> None:
-    masks, info = GroundingStage(None).masks_for(text, frames, dilate_px=0, smooth=1)
+def test_masks_for_add_paints_the_place_region(model_free: GroundingStage, frames: np.ndarray, text: str) -> None:
+    masks, info = model_free.masks_for(text, frames, dilate_px=0, smooth=1)
     assert info["source"] == "place_region"
     assert info["region"] == place_to_region(parse_instruction(text).place, W_, H_)
     expected = torch.zeros((F_, H_, W_), dtype=torch.bool)
     expected[:, :, : -(-W_ // 3)] = True  # left third, full height (x1 = 53.33 -> column 53 included)
     assert torch.equal(masks, expected)
+    # float frames in [0, 1] are the same frames (one contract with the repaint stages)
+    as_float, _ = model_free.masks_for(text, frames.astype(np.float32) / 255, dilate_px=0, smooth=1)
+    assert torch.equal(as_float, expected)
 
 
 def test_masks_for_add_next_to_an_anchor_detects_the_anchor(stage: GroundingStage, frames: np.ndarray) -> None:
@@ -205,8 +174,6 @@ def test_masks_for_add_next_to_an_anchor_detects_the_anchor(stage: GroundingStag
     anchor = info["anchor_boxes"]["sofa"]
     assert info["region"] == place_to_region(instruction.place, W_, H_, [anchor])
     assert torch.equal(masks, boxes_to_masks([info["region"]], F_, H_, W_))
-    with pytest.raises(ValueError, match="components"):
-        GroundingStage(None).masks_for(instruction, frames)
 
 
 def test_masks_for_remove_detects_then_propagates(stage: GroundingStage, frames: np.ndarray) -> None:
@@ -224,14 +191,12 @@ def test_masks_for_reports_what_it_cannot_find(components: dict[str, Any], frame
         strict.masks_for("remove the dog", frames)
     with pytest.raises(GroundingError, match="no English gloss"):
         strict.masks_for("删除那个东西", frames)
-    with pytest.raises(ValueError, match="components"):
-        GroundingStage(None).masks_for("remove the dog", frames)
 
 
-def test_stage_rejects_bad_inputs(components: dict[str, Any], frames: np.ndarray) -> None:
+def test_stage_rejects_bad_inputs(components: dict[str, Any], model_free: GroundingStage, frames: np.ndarray) -> None:
     with pytest.raises(ValueError, match="missing"):
         GroundingStage({"sam2": components["sam2"]})
     with pytest.raises(ValueError, match="box_threshold"):
-        GroundingStage(None, box_threshold=-0.1)
+        GroundingStage(components, box_threshold=-0.1)
     with pytest.raises(ValueError, match=r"uint8 \(F, H, W, 3\)"):
-        GroundingStage(None).masks_for("add a tree", frames.astype(np.float32))
+        model_free.masks_for("add a tree", frames.astype(np.float32))  # 0..255 floats

@@ -6,16 +6,13 @@ import json
 import threading
 
 import pytest
-from test_auth import make_env
 
 from imagine.jobs.idempotency import body_fingerprint
 
 
 @pytest.fixture()
-def env(tmp_path, db_url):
-    e = make_env(tmp_path, database_url=db_url)
-    yield e
-    e.store.close()
+def env(tmp_path, db_url, make_env):
+    return make_env(tmp_path, database_url=db_url)
 
 
 def _job_rows(env) -> int:
@@ -73,7 +70,7 @@ def test_invalid_key_is_400(env):
     assert env.snapshot() == before
 
 
-def test_rejected_request_does_not_keep_its_key(tmp_path):
+def test_rejected_request_does_not_keep_its_key(tmp_path, make_env):
     env = make_env(tmp_path)
     headers = {**env.key(max_queued_jobs=1), "Idempotency-Key": "k"}
     first = env.create(headers).json()["request_id"]

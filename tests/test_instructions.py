@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagine.pipeline.instructions import (
+from imagine.editing.instructions import (
     EditInstruction,
     InstructionError,
     Place,

@@ -6,8 +6,9 @@ import asyncio
 import threading
 
 import pytest
+from job_helpers import generation_job, generation_params
 
-from imagine.jobs import JobStateConflict, JobStatus, JobStore, NewJob, StepSignal
+from imagine.jobs import JobStateConflict, JobStatus, JobStore, StepSignal
 from imagine.scheduling.dispatcher import Dispatcher
 
 
@@ -20,20 +21,20 @@ def store(db_url):
 
 
 def _new(store: JobStore, **params) -> str:
-    return store.create(NewJob(kind="generation", model="tiny", params=params)).id
+    return store.create(generation_job(params=params)).id
 
 
 def test_wal_mode_and_roundtrip(store):
     if store.url.startswith("sqlite"):
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-    jid = _new(store, prompt="p", seed=1)
+    jid = _new(store, prompt="a fox", seed=7)
     job = store.get(jid)
-    assert job.status == JobStatus.QUEUED and job.params == {"prompt": "p", "seed": 1} and job.attempt == 0
+    assert job.status == JobStatus.QUEUED and job.params == generation_params(prompt="a fox", seed=7) and job.attempt == 0
 
 
 def test_claim_is_fifo_and_exclusive(store):
-    ids = [_new(store, i=i) for i in range(3)]
+    ids = [_new(store, seed=i) for i in range(3)]
     claimed = store.claim_next()
     assert claimed.id == ids[0] and claimed.status == JobStatus.RUNNING and claimed.attempt == 1
     assert store.claim(ids[0]) is None  # already running
@@ -41,7 +42,7 @@ def test_claim_is_fifo_and_exclusive(store):
 
 def test_concurrent_claims_never_double_dispatch(db_url):
     stores = [JobStore(db_url) for _ in range(4)]
-    ids = {_new(stores[0], i=i) for i in range(20)}
+    ids = {_new(stores[0], seed=i) for i in range(20)}
     got: list[str] = []
     lock = threading.Lock()
 
@@ -100,7 +101,7 @@ def test_fail_records_error(store):
 
 
 def test_dispatcher_respects_capacity_and_drains(store):
-    ids = [_new(store, i=i) for i in range(5)]
+    ids = [_new(store, seed=i) for i in range(5)]
 
     async def scenario() -> list[int]:
         concurrent, peak, go = 0, [], asyncio.Event()
@@ -144,7 +145,7 @@ def test_dispatcher_recover_requeues_running(store):
 
 def test_released_slot_starts_the_next_job_while_the_first_finishes(store):
     """A job gives its denoiser slot back when sampling ends; its decode overlaps the next job."""
-    first, second = _new(store, i=0), _new(store, i=1)
+    first, second = _new(store, seed=0), _new(store, seed=1)
 
     async def scenario() -> None:
         released, second_started, finish_first = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -179,8 +180,8 @@ def test_higher_tier_preempts_lowest_running_job_bounded(store):
     """Both slots run batch work; a realtime job arrives: the most recently started batch job is asked
     to pause, re-queues with its checkpoint, the realtime job runs, the paused one resumes. A job
     already paused `max_preemptions` times is never asked again."""
-    b1 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="batch")).id
-    b2 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="batch")).id
+    b1 = store.create(generation_job(priority="batch")).id
+    b2 = store.create(generation_job(priority="batch")).id
     claims: list[tuple[str, str | None]] = []
 
     async def scenario() -> None:
@@ -213,14 +214,14 @@ def test_higher_tier_preempts_lowest_running_job_bounded(store):
             raise AssertionError(f"timed out: {what}")
 
         await until(lambda: d.busy_slots == 2, "both batch jobs running")
-        r1 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="realtime")).id
+        r1 = store.create(generation_job(priority="realtime")).id
         d.nudge()
         await until(lambda: store.get(r1).status == JobStatus.DONE, "realtime job done")
         paused = [j for j in (b1, b2) if store.get(j).preemptions == 1]
         assert paused == [b2]  # the most recently started of the lowest tier
         await until(lambda: (b2, f"ck-{b2}") in claims, "paused job resumed from its checkpoint")
         # b2 has used its one preemption: the next realtime job pauses b1 instead
-        r2 = store.create(NewJob(kind="generation", model="tiny", params={}, priority="realtime")).id
+        r2 = store.create(generation_job(priority="realtime")).id
         d.nudge()
         await until(lambda: store.get(r2).status == JobStatus.DONE, "second realtime job done")
         assert store.get(b1).preemptions == 1 and store.get(b2).preemptions == 1
@@ -233,7 +234,7 @@ def test_higher_tier_preempts_lowest_running_job_bounded(store):
 
 
 def test_no_preemption_when_disabled_or_not_outranked(store):
-    ids = [store.create(NewJob(kind="generation", model="tiny", params={}, priority="standard")).id for _ in range(2)]
+    ids = [store.create(generation_job(priority="standard")).id for _ in range(2)]
 
     async def scenario() -> None:
         go = asyncio.Event()
@@ -271,8 +272,8 @@ def test_retry_requeues_until_max_attempts(store):
 def test_dispatcher_pools_wait_for_capacity_without_blocking_others(store):
     """A job for a pool with no slots (its parallel replica cannot be placed yet) stays queued, and the
     same tenant's job for another pool still runs; when the pool gets a slot, the job starts."""
-    big = store.create(NewJob(kind="generation", model="tiny", params={}, pool="sp4")).id
-    small = store.create(NewJob(kind="generation", model="tiny", params={})).id
+    big = store.create(generation_job(pool="sp4")).id
+    small = store.create(generation_job()).id
 
     async def scenario() -> None:
         started: list[str] = []

@@ -10,12 +10,13 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI, Header
 from fastapi.testclient import TestClient
+from job_helpers import generation_job
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagine.api.errors import install_error_handlers
 from imagine.api.ops import create_ops_router
 from imagine.config import AccountingConfig
-from imagine.jobs import JobRecord, JobStore, NewJob
+from imagine.jobs import JobRecord, JobStore
 from imagine.jobs.ledger import Ledger
 from imagine.jobs.store import jobs_table
 
@@ -43,7 +44,7 @@ def _running(
     store: JobStore, tenant: str = "acme", model: str = "ltx-2", tier: str = "standard", resolution: str = "720p"
 ) -> JobRecord:
     job = store.create(
-        NewJob(kind="generation", model=model, params={"resolution": resolution}, tenant=tenant, priority=tier)
+        generation_job(model, {"resolution": resolution}, tenant=tenant, priority=tier)
     )
     claimed = store.claim(job.id)
     assert claimed is not None
@@ -106,7 +107,7 @@ def test_record_rejects_bad_input(store, ledger):
         ledger.record(job, "denoiser", wall_s=1.0, device="tpu")
     with pytest.raises(ValueError, match="devices"):
         ledger.record(job, "denoiser", wall_s=1.0, device="cpu", devices=0)
-    queued = store.create(NewJob(kind="generation", model="ltx-2", params={"resolution": "480p"}))
+    queued = store.create(generation_job("ltx-2", {"resolution": "480p"}))
     with pytest.raises(ValueError, match="never claimed"):
         ledger.record(queued, "denoiser", wall_s=1.0, device="cpu")
 
@@ -224,7 +225,7 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_metrics_read_the_database(store, ledger, client):
     for tier in ("standard", "standard", "realtime"):
-        store.create(NewJob(kind="generation", model="ltx-2", params={"resolution": "480p"}, priority=tier))
+        store.create(generation_job("ltx-2", {"resolution": "480p"}, priority=tier))
     running = _running(store)
     _set_times(store, running.id, created_at=1000.0, started_at=1003.0)  # waited 3 s
     done = _done(store)

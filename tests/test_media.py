@@ -1,8 +1,11 @@
-"""Reading source videos and writing edited frames with the source's audio stream-copied (PyAV, no models)."""
+"""Probing and reading videos, and writing edited frames with the source's audio stream-copied (PyAV, no
+models)."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,20 +14,23 @@ import numpy as np
 import pytest
 import torch
 
+from imagine.config import EditConfig
 from imagine.pipeline.media import (
-    EDIT_CRF,
     MediaError,
+    MediaInfo,
     MediaTooLargeError,
-    RemuxInfo,
     add_h264_stream,
     encode_frames,
+    mp4_accepts,
+    mux_mp4,
+    probe,
     read_video,
     remux_with_source_audio,
 )
-from imagine.pipeline.mux import mux_mp4
 from imagine.pipeline.types import DecodedMedia
 
 NUM_FRAMES, HEIGHT, WIDTH, FPS, SAMPLE_RATE = 25, 72, 100, 24.0, 16000
+CRF = EditConfig().mp4_crf  # what the editor writes with
 
 
 def synthetic_frames(num_frames: int = NUM_FRAMES, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
@@ -79,13 +85,15 @@ def test_read_video_from_bytes_and_path(source_mp4, source_frames, tmp_path):
     video = read_video(source_mp4)
     assert video.frames.dtype == torch.uint8
     assert tuple(video.frames.shape) == (NUM_FRAMES, HEIGHT, WIDTH, 3)
-    assert (video.num_frames, video.height, video.width) == (NUM_FRAMES, HEIGHT, WIDTH)
-    assert video.frame_rate == Fraction(24) and video.fps == FPS
-    assert video.duration_s == pytest.approx(NUM_FRAMES / FPS)
-    assert video.has_audio and video.audio is not None
-    assert (video.audio.codec, video.audio.sample_rate, video.audio.channels) == ("aac", SAMPLE_RATE, 2)
-    assert video.audio.mp4_copyable
-    assert video.audio.duration_s == pytest.approx(NUM_FRAMES / FPS, abs=0.07)  # AAC pads to 1024-sample blocks
+    info = video.info
+    assert (info.num_frames, info.height, info.width) == (NUM_FRAMES, HEIGHT, WIDTH)
+    assert video.frame_rate == info.frame_rate == Fraction(24) and info.fps == FPS
+    assert info.duration_s == pytest.approx(NUM_FRAMES / FPS)
+    assert (info.video_codec, info.pix_fmt, info.bytes) == ("h264", "yuv420p", len(source_mp4))
+    assert info.has_audio
+    assert (info.audio_codec, info.sample_rate, info.audio_channels) == ("aac", SAMPLE_RATE, 2)
+    assert mp4_accepts(info.audio_codec)
+    assert info.audio_duration_s == pytest.approx(NUM_FRAMES / FPS, abs=0.07)  # AAC pads to 1024-sample blocks
     # the decoded frames are the encoded ones (lossy: H.264 crf 18 + yuv420p)
     error = np.abs(video.frames.numpy().astype(int) - source_frames.astype(int))
     assert error.mean() < 3.0
@@ -95,20 +103,51 @@ def test_read_video_from_bytes_and_path(source_mp4, source_frames, tmp_path):
     from_path = read_video(path)
     assert torch.equal(from_path.frames, video.frames)
     assert from_path.source == path and video.source == source_mp4
+    assert from_path.info == info
+
+
+def test_probe_describes_without_decoding_and_agrees_with_read_video(source_mp4, tmp_path):
+    path = tmp_path / "source.mp4"
+    path.write_bytes(source_mp4)
+    info = probe(source_mp4)
+    assert info == probe(path) == read_video(source_mp4).info
+    frames = synthetic_frames(num_frames=5, height=32, width=48)
+    video_only = probe(video_only_mp4(frames, Fraction(30000, 1001)))
+    assert (video_only.num_frames, video_only.width, video_only.height) == (5, 48, 32)
+    assert video_only.frame_rate == Fraction(30000, 1001)
+    assert not video_only.has_audio and video_only.audio_codec is None and video_only.audio_duration_s == 0.0
+
+
+def test_probe_needs_no_torch(source_mp4, tmp_path):
+    """The HTTP ingress probes uploads with this module: it must not load torch."""
+    path = tmp_path / "source.mp4"
+    path.write_bytes(source_mp4)
+    code = (
+        "import sys; from imagine.pipeline.media import probe; info = probe(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print(info.num_frames)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(NUM_FRAMES)]
 
 
 def test_remux_keeps_timing_and_size_and_copies_audio_packets(source_mp4, tmp_path):
     source = read_video(source_mp4)
     edited = 255 - source.frames  # every pixel changed
     out = tmp_path / "edited.mp4"
-    info = remux_with_source_audio(edited, source.frame_rate, source, out)
+    info = remux_with_source_audio(edited, source.frame_rate, source, out, crf=CRF)
 
-    assert isinstance(info, RemuxInfo) and info.has_audio
+    assert isinstance(info, MediaInfo) and info.has_audio
     assert (info.num_frames, info.width, info.height, info.fps) == (NUM_FRAMES, WIDTH, HEIGHT, FPS)
     assert info.bytes == out.stat().st_size > 0
     result = read_video(out)
-    assert (result.num_frames, result.height, result.width) == (NUM_FRAMES, HEIGHT, WIDTH)
+    assert (result.info.num_frames, result.info.height, result.info.width) == (NUM_FRAMES, HEIGHT, WIDTH)
     assert result.frame_rate == source.frame_rate
+    # what it says it wrote is what a reader finds (bar the counts a writer cannot know before closing the file)
+    assert info.audio_codec == result.info.audio_codec == "aac" and info.sample_rate == result.info.sample_rate
+    assert (info.video_codec, info.pix_fmt) == (result.info.video_codec, result.info.pix_fmt)
     # the video is the new frames (re-encoded at the edit CRF)...
     assert np.abs(result.frames.numpy().astype(int) - edited.numpy().astype(int)).mean() < 2.0
     with av.open(str(out)) as container:
@@ -126,7 +165,7 @@ def test_remux_accepts_source_path_or_bytes_and_writes_to_file_objects(source_mp
     frames = read_video(source_mp4).frames.numpy()
     for source in (path, source_mp4):
         buf = io.BytesIO()
-        info = remux_with_source_audio(frames, FPS, source, buf, crf=EDIT_CRF)
+        info = remux_with_source_audio(frames, FPS, source, buf, crf=CRF)
         assert info.bytes == len(buf.getvalue()) and info.has_audio
         assert audio_packets(buf.getvalue()) == audio_packets(source_mp4)
 
@@ -137,7 +176,8 @@ def test_remux_keeps_an_exact_ntsc_rate():
     source = read_video(video_only_mp4(frames, rate))
     assert source.frame_rate == rate
     buf = io.BytesIO()
-    info = remux_with_source_audio(source.frames, source.fps, source, buf)  # float fps is snapped back to 30000/1001
+    # a float fps is snapped back to 30000/1001
+    info = remux_with_source_audio(source.frames, source.info.fps, source, buf, crf=CRF)
     assert info.fps == pytest.approx(float(rate))
     assert read_video(buf.getvalue()).frame_rate == rate
 
@@ -145,9 +185,9 @@ def test_remux_keeps_an_exact_ntsc_rate():
 def test_source_without_audio_gives_video_only_output():
     frames = synthetic_frames(num_frames=5, height=32, width=48)
     source = read_video(video_only_mp4(frames, Fraction(24)))
-    assert not source.has_audio and source.audio is None
+    assert not source.info.has_audio and source.info.audio_codec is None
     buf = io.BytesIO()
-    info = remux_with_source_audio(source.frames, source.frame_rate, source, buf)
+    info = remux_with_source_audio(source.frames, source.frame_rate, source, buf, crf=CRF)
     assert not info.has_audio and info.audio_duration_s == 0.0
     with av.open(io.BytesIO(buf.getvalue())) as container:
         assert len(container.streams.audio) == 0 and len(container.streams.video) == 1
@@ -164,9 +204,9 @@ def test_audio_codec_mp4_cannot_hold_is_refused_clearly():
         container.mux(audio.encode(None))
         encode_frames(container, video, np.zeros((5, 32, 32, 3), np.uint8))
     source = read_video(buf.getvalue())
-    assert source.audio is not None and source.audio.codec == "pcm_mulaw" and not source.audio.mp4_copyable
+    assert source.info.audio_codec == "pcm_mulaw" and not mp4_accepts(source.info.audio_codec)
     with pytest.raises(MediaError, match="pcm_mulaw"):
-        remux_with_source_audio(source.frames, source.frame_rate, source, io.BytesIO())
+        remux_with_source_audio(source.frames, source.frame_rate, source, io.BytesIO(), crf=CRF)
 
 
 @pytest.mark.parametrize(
@@ -178,9 +218,10 @@ def test_audio_codec_mp4_cannot_hold_is_refused_clearly():
     ],
 )
 def test_undecodable_data_raises_media_error(data, message):
-    with pytest.raises(MediaError, match=message) as info:
-        read_video(data)
-    assert isinstance(info.value, ValueError)  # the API maps ValueErrors to 4xx
+    for reader in (read_video, probe):
+        with pytest.raises(MediaError, match=message) as info:
+            reader(data)
+        assert isinstance(info.value, ValueError)  # the API maps ValueErrors to 4xx
 
 
 def test_truncated_and_audio_only_files_raise_media_error(source_mp4, tmp_path):
@@ -193,28 +234,29 @@ def test_truncated_and_audio_only_files_raise_media_error(source_mp4, tmp_path):
         frame.sample_rate, frame.pts = SAMPLE_RATE, 0
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    with pytest.raises(MediaError, match="no video stream"):
-        read_video(buf.getvalue())
-    with pytest.raises(MediaError, match="not a file"):
-        read_video(tmp_path / "absent.mp4")
+    for reader in (read_video, probe):
+        with pytest.raises(MediaError, match="no video stream"):
+            reader(buf.getvalue())
+        with pytest.raises(MediaError, match="not a file"):
+            reader(tmp_path / "absent.mp4")
 
 
 def test_max_frames_stops_decoding(source_mp4):
     with pytest.raises(MediaTooLargeError, match="max_frames=10") as info:
         read_video(source_mp4, max_frames=10)
     assert isinstance(info.value, MediaError)
-    assert read_video(source_mp4, max_frames=NUM_FRAMES).num_frames == NUM_FRAMES
+    assert read_video(source_mp4, max_frames=NUM_FRAMES).info.num_frames == NUM_FRAMES
 
 
 def test_remux_rejects_bad_frames(source_mp4):
     source = read_video(source_mp4)
     with pytest.raises(MediaError, match="even size"):
-        remux_with_source_audio(source.frames[:, :71], FPS, source, io.BytesIO())
+        remux_with_source_audio(source.frames[:, :71], FPS, source, io.BytesIO(), crf=CRF)
     with pytest.raises(ValueError, match="uint8"):
-        remux_with_source_audio(source.frames.float() / 255, FPS, source, io.BytesIO())
+        remux_with_source_audio(source.frames.float() / 255, FPS, source, io.BytesIO(), crf=CRF)
     with pytest.raises(ValueError, match=r"\(F, H, W, 3\)"):
-        remux_with_source_audio(source.frames[None], FPS, source, io.BytesIO())
+        remux_with_source_audio(source.frames[None], FPS, source, io.BytesIO(), crf=CRF)
     with pytest.raises(ValueError, match="crf"):
         remux_with_source_audio(source.frames, FPS, source, io.BytesIO(), crf=60)
     with pytest.raises(ValueError, match="preset"):
-        remux_with_source_audio(source.frames, FPS, source, io.BytesIO(), preset="warp")
+        remux_with_source_audio(source.frames, FPS, source, io.BytesIO(), crf=CRF, preset="warp")

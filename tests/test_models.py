@@ -21,6 +21,7 @@ from imagine.models.presets import (
     get_preset,
     list_presets,
 )
+from imagine.models.tiny_grounding import ensure_tiny_grounding
 
 ALL_COMPONENTS = ["audio_vae", "connectors", "scheduler", "text_encoder", "tokenizer", "transformer", "vae", "vocoder"]
 MODULES = ["audio_vae", "connectors", "text_encoder", "transformer", "vae", "vocoder"]
@@ -35,6 +36,10 @@ def test_presets_registry():
     assert [p.name for p in list_presets()] == list(PRESETS)
     assert get_preset("tiny").default_fps == 24
     assert get_preset("ltx-2").max_duration_s == 15
+    # the edit path's grounding models are presets like any other, built / fetched / loaded by the same loader
+    assert [p.name for p in list_presets("grounding")] == ["tiny-grounding", "grounding"]
+    assert get_preset("tiny-grounding").source == "builtin:tiny-grounding" and get_preset("tiny-grounding").is_builtin
+    assert loading.BUILTIN_BUILDERS["builtin:tiny-grounding"] is ensure_tiny_grounding
 
 
 def test_unknown_preset_names_known_ones():
@@ -51,6 +56,8 @@ def test_preset_is_strict():
         ModelPreset(name="x", family="ltx2", source="builtin:huge")
     with pytest.raises(ValueError, match="family"):
         ModelPreset(name="x", family="sd", source="/m")
+    with pytest.raises(ValueError, match="'grounding' model"):
+        ModelPreset(name="x", family="ltx2", source="builtin:tiny-grounding")
 
 
 # --- tiny model ----------------------------------------------------------------------------------------------------

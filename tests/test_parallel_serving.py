@@ -1,4 +1,4 @@
-"""Parallel denoiser replicas on a local Ray (CPU, gloo): rank workers running `DenoiserRank` give the single-rank
+"""Parallel denoiser replicas on a local Ray (CPU, gloo): rank workers running `SamplerRank` give the single-rank
 latents for sequence parallel (Ulysses, padded token count) and tensor parallel over the whole sampling loop; a
 `parallel: {sequence: 2}` denoiser serves jobs over HTTP with the in-process output, cancels within one step on all
 ranks, and a rank killed mid-job fails that attempt cleanly: the replica rebuilds its group and the job is retried."""
@@ -19,13 +19,15 @@ from imagine.config import AppConfig
 from imagine.jobs import JobStore
 from imagine.models.loading import load_components
 from imagine.models.tiny import ensure_tiny_ltx2
-from imagine.pipeline import DenoiserStage, GenerationSpec, TextEncoderStage
+from imagine.pipeline.denoise import DenoiserStage
+from imagine.pipeline.encode import TextEncoderStage
 from imagine.pipeline.generate import LocalGenerator
-from imagine.pipeline.media import read_video
-from imagine.pipeline.mux import mux_mp4
-from imagine.serving.ranks import RankGroup
+from imagine.pipeline.media import mux_mp4, read_video
+from imagine.pipeline.types import GenerationSpec
+from imagine.serving.ranks import RankedLoop, RankGroup
+from imagine.serving.runner import LocalLoop
+from imagine.serving.samplers import SamplerRank
 from imagine.serving.scheduler import spec_from_job
-from imagine.serving.stages import DenoiserRank, _LocalLoop, _RankedLoop
 from imagine.storage import open_artifact_store
 
 pytestmark = pytest.mark.ray
@@ -69,18 +71,9 @@ def home(tmp_path_factory):
     return home
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("parallel", [{"sequence": 2}, {"tensor": 2}], ids=["sp2", "tp2"])
 def test_rank_workers_loop_equals_single_rank(home, ray_session, parallel):
-    """The whole sampling loop through `RankGroup` + `DenoiserRank` (what a parallel replica runs); 160x96 x 17
+    """The whole sampling loop through `RankGroup` + `SamplerRank` (what a parallel replica runs); 160x96 x 17
     frames = 3 x 3 x 5 = 45 video tokens, which 2 ranks cannot split evenly (the padded path)."""
     config = _config(home, parallel)
     components = load_components(ensure_tiny_ltx2(home), sorted(set(TextEncoderStage.components + DenoiserStage.components)))
@@ -88,17 +81,40 @@ def test_rank_workers_loop_equals_single_rank(home, ray_session, parallel):
                           num_inference_steps=3, seed=9, guidance_scale=3.0)
     embeddings = TextEncoderStage(components)(spec.prompt, spec.negative_prompt, True)
     with torch.inference_mode():
-        single = _run_loop(_LocalLoop(DenoiserStage(components)), spec, embeddings)
-    group = RankGroup(2, functools.partial(DenoiserRank, config, "denoiser"), "cpu", cpus_per_rank=0.25)
+        single = _run_loop(LocalLoop(DenoiserStage(components)), spec, embeddings)
+    group = RankGroup(2, functools.partial(SamplerRank, config, "denoiser"), "cpu", cpus_per_rank=0.25)
     with group:
-        parallel_out = _run_loop(_RankedLoop(group), spec, embeddings)
+        parallel_out = _run_loop(RankedLoop(group), spec, embeddings)
     assert _rel_err(parallel_out.video, single.video) < TOLERANCE
     assert _rel_err(parallel_out.audio, single.audio) < TOLERANCE
 
 
+def test_rank_workers_edit_loop_equals_single_rank(home, ray_session):
+    """The `editor` pool's sampler (Wan VACE) through `RankGroup` + `SamplerRank`, sequence parallel over 2 ranks,
+    equals the single-rank loop: the same protocol and rank machinery as generation, another model."""
+    from imagine.models.tiny_vace import ensure_tiny_vace
+    from imagine.pipeline.vace import EDIT_COMPONENTS, EditSpec, VaceEncoderStage, VaceSampler
+
+    config = _config(home, {}, edit={"enabled": True},
+                     editor={"num_cpus": 0.1, "parallel": {"sequence": 2, "cpus_per_rank": 0.25, "timeout_s": 60}})
+    components = load_components(ensure_tiny_vace(home), EDIT_COMPONENTS)
+    spec = EditSpec("a blooming tree", "blurry", seed=4, num_inference_steps=3, guidance_scale=4.0)
+    generator = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, 256, (9, 48, 64, 3), dtype=torch.uint8, generator=generator)
+    masks = torch.zeros(9, 48, 64)
+    masks[:, 10:30, 20:50] = 1.0
+    conditioning = VaceEncoderStage(components, components["transformer"].config.patch_size)(frames, masks, spec)
+    with torch.inference_mode():
+        single = _run_loop(LocalLoop(VaceSampler(components)), spec, conditioning)
+    group = RankGroup(2, functools.partial(SamplerRank, config, "editor"), "cpu", cpus_per_rank=0.25)
+    with group:
+        parallel_out = _run_loop(RankedLoop(group), spec, conditioning.to_cpu())
+    assert _rel_err(parallel_out.latents, single.latents) < TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def served(home, ray_session):
-    with serve_app(_config(home, {"sequence": 2}), start_ray=False) as served:
+    with serve_app(_config(home, {"sequence": 2})) as served:
         yield served
 
 

@@ -78,7 +78,8 @@ def _attention_cores(rank: int, world_size: int, token_counts: list[int]) -> dic
     """Each rank feeds its token shard of the same q/k/v through the Ulysses core (DistributedAttention) and the
     sharded-KV core; returns the gathered outputs and the bytes counted."""
     from imagine.parallel.comm import gather_tokens
-    from imagine.parallel.ulysses import _Runtime, _ShardedKVCore, _UlyssesCore
+    from imagine.parallel.ulysses import SequenceParallelRuntime as _Runtime
+    from imagine.parallel.ulysses import _ShardedKVCore, _UlyssesCore
 
     results: dict[str, Any] = {}
     for num_tokens in token_counts:

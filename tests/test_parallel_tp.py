@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from imagine.models.ltx2.parallel import apply_text_encoder_tp
 from imagine.parallel.dist import run_ranks
-from imagine.parallel.tensor import all_reduce_sum_, apply_text_encoder_tp, apply_transformer_tp
-from imagine.pipeline import DenoiserStage, GenerationSpec, TextEncoderStage
+from imagine.parallel.tensor import all_reduce_sum_, apply_transformer_tp
+from imagine.pipeline.denoise import DenoiserStage
+from imagine.pipeline.encode import TextEncoderStage
+from imagine.pipeline.types import GenerationSpec
 
 PROMPT, NEGATIVE = "a robot dancing in the rain", "blurry"
 TOLERANCE = 1e-3  # relative: max|tp - single| / max|single|

@@ -13,16 +13,11 @@ import pytest
 import torch
 
 from imagine.models.loading import load_components
-from imagine.pipeline import (
-    DecodedMedia,
-    DecoderStage,
-    DenoiserStage,
-    GenerationSpec,
-    LocalGenerator,
-    mux_mp4,
-    prepare_image,
-    probe_mp4,
-)
+from imagine.pipeline.decode import DecoderStage
+from imagine.pipeline.denoise import DenoiserStage
+from imagine.pipeline.generate import LocalGenerator
+from imagine.pipeline.media import mux_mp4, probe
+from imagine.pipeline.types import DecodedMedia, GenerationSpec, prepare_image
 
 WIDTH, HEIGHT, FRAMES, STEPS, FPS = 128, 64, 17, 3, 24.0
 
@@ -241,22 +236,21 @@ def test_mux_mp4_has_h264_aac_right_size_and_durations(generator, tmp_path):
     media = generator.generate(make_spec(num_frames=25, num_inference_steps=2))
     path = tmp_path / "clip.mp4"
     info = mux_mp4(media, path)
-    probed = probe_mp4(path)
-    assert probed["video_codec"] == "h264" and probed["audio_codec"] == "aac"
-    assert probed["pix_fmt"] == "yuv420p"
-    assert (probed["width"], probed["height"]) == (WIDTH, HEIGHT) == (info.width, info.height)
-    assert probed["num_frames"] == 25 == info.num_frames
-    assert probed["fps"] == pytest.approx(FPS)
-    assert probed["sample_rate"] == media.sample_rate and probed["audio_channels"] == 2
-    assert abs(probed["audio_duration_s"] - probed["video_duration_s"]) < 0.1
+    probed = probe(path)
+    assert probed.video_codec == "h264" and probed.audio_codec == "aac"
+    assert probed.pix_fmt == "yuv420p"
+    assert (probed.width, probed.height) == (WIDTH, HEIGHT) == (info.width, info.height)
+    assert probed.num_frames == 25 == info.num_frames
+    assert probed.fps == pytest.approx(FPS)
+    assert probed.sample_rate == media.sample_rate == info.sample_rate and probed.audio_channels == 2
+    assert abs(probed.audio_duration_s - probed.duration_s) < 0.1
     assert info.duration_s == pytest.approx(25 / FPS)
     assert abs(info.audio_duration_s - info.duration_s) < 0.1
-    assert info.bytes == path.stat().st_size > 0
+    assert info.bytes == path.stat().st_size == probed.bytes > 0
 
     buffer = io.BytesIO()
     assert mux_mp4(media, buffer).bytes == len(buffer.getvalue()) > 0
-    buffer.seek(0)
-    assert probe_mp4(buffer)["num_frames"] == 25
+    assert probe(buffer.getvalue()).num_frames == 25
 
 
 def test_mux_rejects_odd_size(tmp_path):

@@ -70,6 +70,10 @@ def gpu_node_ids() -> set[str]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[Cluster, str]]:
+    # a multi-node cluster of its own: the session's single-node Ray (if a module before started it) goes first; the
+    # next module that needs it starts it again (conftest `ray_session`)
+    if ray.is_initialized():
+        ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     with pytest.MonkeyPatch.context() as patch:
         # Cluster records its address in the machine-wide /tmp/ray/ray_current_cluster (whatever the temp dir)

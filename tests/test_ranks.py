@@ -5,8 +5,6 @@ returns every resource."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -64,22 +62,9 @@ def broken_factory(rank: int, world_size: int) -> Summer:
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    # the rank objects are defined here: workers must import this module by name
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        logging_level="ERROR",
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": {"PYTHONPATH": tests_dir}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def local_ray(ray_session) -> Iterator[None]:
+    """The session's Ray (its workers import this module by name: the rank objects are defined here)."""
+    yield
 
 
 def group(**overrides: object) -> RankGroup:

@@ -4,19 +4,19 @@ import math
 
 import pytest
 
+from imagine.models.ltx2 import ltx2_transformer_dims
 from imagine.models.tiny import TRANSFORMER_CONFIG
 from imagine.parallel.routing import (
     Budget,
     Candidate,
     NoFittingDenoiser,
     Router,
-    TransformerDims,
     estimate,
     ulysses_bytes_per_device,
 )
 from imagine.pipeline.sizing import plan_video
 
-LTX2 = TransformerDims.from_ltx2_config({})  # diffusers' defaults are the full-size LTX-2 transformer
+LTX2 = ltx2_transformer_dims({})  # diffusers' defaults are the full-size LTX-2 transformer
 GIB = 2**30
 
 
@@ -90,7 +90,7 @@ def test_nothing_fits_names_the_need():
 
 
 def test_tiny_model_always_fits_one_device():
-    dims = TransformerDims.from_ltx2_config(TRANSFORMER_CONFIG)
+    dims = ltx2_transformer_dims(TRANSFORMER_CONFIG)
     router = Router(dims, [Candidate("denoiser"), Candidate("sp2", 2)], Budget(device_memory_bytes=1 * GIB, reserve_bytes=0))
     assert router.route(*_clip(15, "720p")) == "denoiser"
     assert math.isclose(dims.audio_tokens_per_s, 25.0)

@@ -12,7 +12,7 @@ from serve_helpers import LONG, SMALL, Served, serve_app
 
 from imagine.config import AppConfig
 from imagine.models.tiny import ensure_tiny_ltx2
-from imagine.pipeline.mux import probe_mp4
+from imagine.pipeline.media import probe
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +38,7 @@ def _config(home: Path) -> AppConfig:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, ray_session):
     home = tmp_path_factory.mktemp("imagine-home")
     ensure_tiny_ltx2(home)  # build once here, not in four racing replicas
     with serve_app(_config(home)) as served:
@@ -57,11 +57,11 @@ def test_three_concurrent_generations_are_valid_mp4s(served, tmp_path):
         assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4"
         path = tmp_path / f"{job_id}.mp4"
         path.write_bytes(resp.content)
-        info = probe_mp4(path)
-        assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
-        assert (info["width"], info["height"]) == (480, 480)
-        assert abs(info["num_frames"] - SMALL["duration"] * video["fps"]) <= 1
-        assert abs(info["audio_duration_s"] - info["video_duration_s"]) <= 0.1
+        info = probe(path)
+        assert info.video_codec == "h264" and info.audio_codec == "aac"
+        assert (info.width, info.height) == (480, 480)
+        assert abs(info.num_frames - SMALL["duration"] * video["fps"]) <= 1
+        assert abs(info.audio_duration_s - info.duration_s) <= 0.1
         part = served.http.get(video["url"], headers={"Range": "bytes=0-99"})
         assert part.status_code == 206 and part.content == resp.content[:100]
     # different seeds -> different videos
@@ -170,13 +170,13 @@ def _step_seconds(served: Served, job_id: str) -> float:
     store = JobStore(served.config.resolved_database_url)
     job = store.get(job_id)
     store.close()
-    return job.result["stage_seconds"]["denoise"] / job.params["num_inference_steps"]
+    return job.result["stage_seconds"]["denoise"] / job.params.num_inference_steps
 
 
 def _steps_done(job: dict) -> int:
-    from imagine.serving.stages import DENOISE_PROGRESS_SHARE
+    from imagine.serving.runner import SAMPLING_PROGRESS_SHARE
 
-    return round(job["progress"] / DENOISE_PROGRESS_SHARE * job["request"]["num_inference_steps"])
+    return round(job["progress"] / SAMPLING_PROGRESS_SHARE * job["request"]["num_inference_steps"])
 
 
 def test_cancel_queued_and_running(served):

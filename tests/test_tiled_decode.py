@@ -17,7 +17,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from imagine.pipeline import DecoderStage, Latents
+from imagine.pipeline.decode import DecoderStage
+from imagine.pipeline.types import Latents
 from imagine.pipeline.decode import TilingConfig, _blend_weights, _tile_spans, decode_tiled
 
 

@@ -1,56 +1,26 @@
 """Who is calling: `Authorization: Bearer <key>` -> a `Principal` (tenant, key, tier, limits).
-Routes take it with `Depends(require_principal)` (or a dependency built by `principal_dependency(service)`);
-with `auth.enabled: false` every request is the local principal: tenant "default", tier "realtime"."""
+Routes take it with `Depends(principal_dependency(keys, auth))`; with `auth.enabled: false` every request is the
+local principal: tenant "default", tier "realtime"."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from imagine.api.errors import unauthorized
-from imagine.config import TIERS, AuthConfig, KeyLimits
-
-if TYPE_CHECKING:
-    from imagine.api.service import JobService
-
-DEFAULT_TENANT = "default"
+from imagine.api.principal import Principal, effective_limits, local_principal
+from imagine.config import AuthConfig
+from imagine.jobs.keys import KeyStore
 
 # registers the bearer scheme in the OpenAPI docs; errors are ours (JSON, param "Authorization")
 _BEARER = Security(HTTPBearer(auto_error=False, description="An API key from `imagine keys create`."))
 
 
-@dataclass(frozen=True)
-class Principal:
-    """The caller of one request."""
-
-    tenant: str
-    key_id: str | None  # None when auth is off
-    tier: str  # the highest priority this caller may use
-    limits: KeyLimits
-
-    def cap_priority(self, requested: str) -> str:
-        """`requested`, lowered to this caller's tier when it is higher (TIERS is highest first)."""
-        return TIERS[max(TIERS.index(requested), TIERS.index(self.tier))]
-
-
-def local_principal(auth: AuthConfig) -> Principal:
-    """Everyone, when auth is off (the localhost development server)."""
-    return Principal(tenant=DEFAULT_TENANT, key_id=None, tier=TIERS[0], limits=auth.default_limits)
-
-
-def effective_limits(key_limits: KeyLimits, defaults: KeyLimits) -> KeyLimits:
-    """A key's own limits, each unset one taken from `auth.default_limits`."""
-    return KeyLimits.model_validate({**defaults.model_dump(exclude_none=True), **key_limits.model_dump(exclude_none=True)})
-
-
-def authenticate(service: JobService, authorization: str | None) -> Principal:
+def authenticate(keys: KeyStore, auth: AuthConfig, authorization: str | None) -> Principal:
     """The principal of an `Authorization` header value; 401 (param "Authorization") when it is missing,
     malformed, unknown or revoked."""
-    auth = service.config.auth
     if not auth.enabled:
         return local_principal(auth)
     if not authorization:
@@ -59,7 +29,7 @@ def authenticate(service: JobService, authorization: str | None) -> Principal:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise unauthorized("invalid_authorization", "the Authorization header must be 'Bearer <key>'")
-    record = service.keys.lookup(token)
+    record = keys.lookup(token)
     if record is None:
         raise unauthorized("invalid_api_key", "the API key is not valid")
     if record.revoked:
@@ -70,19 +40,12 @@ def authenticate(service: JobService, authorization: str | None) -> Principal:
     )
 
 
-def principal_dependency(service: JobService) -> Callable[..., Principal]:
-    """A FastAPI dependency resolving the caller against `service` (for routers built around a service)."""
+def principal_dependency(keys: KeyStore, auth: AuthConfig) -> Callable[..., Principal]:
+    """A FastAPI dependency resolving the caller of a request against `keys` (`Depends(...)` in any router)."""
 
     def require_principal(
         request: Request, _credentials: HTTPAuthorizationCredentials | None = _BEARER
     ) -> Principal:
-        return authenticate(service, request.headers.get("authorization"))
+        return authenticate(keys, auth, request.headers.get("authorization"))
 
     return require_principal
-
-
-def require_principal(
-    request: Request, _credentials: HTTPAuthorizationCredentials | None = _BEARER
-) -> Principal:
-    """`Depends(require_principal)` in any route of an app built by `create_api` (its service is in `app.state`)."""
-    return authenticate(request.app.state.job_service, request.headers.get("authorization"))

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from imagine import __version__
-from imagine.api.auth import Principal, principal_dependency
+from imagine.api.auth import principal_dependency
 from imagine.api.errors import ApiError, install_error_handlers
+from imagine.api.http import create_options, parse_range
 from imagine.api.ops import create_ops_router
+from imagine.api.principal import Principal
 from imagine.api.schemas import (
     CreatedResponse,
     EditRequest,
@@ -22,13 +24,7 @@ from imagine.api.schemas import (
     JobResponse,
     ModelInfo,
 )
-from imagine.api.service import (
-    CreateOptions,
-    JobService,
-    parse_idempotency_key,
-    parse_priority,
-    parse_start_deadline,
-)
+from imagine.api.service import Created, CreateOptions, JobService
 
 _ERROR_RESPONSES = {
     400: {"description": "Bad input (JSON error body names the parameter)"},
@@ -43,6 +39,12 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def _accepted(created: Created, response: Response) -> CreatedResponse:
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return CreatedResponse(request_id=created.job.id)
+
+
 def create_api(service: JobService) -> FastAPI:
     app = FastAPI(
         title="Imagine",
@@ -50,13 +52,13 @@ def create_api(service: JobService) -> FastAPI:
         description="Self-hosted video + native-audio generation. Every request is an async job.",
     )
     install_error_handlers(app)
-    app.state.job_service = service  # for `imagine.api.auth.require_principal` in other routers
-    require_principal = principal_dependency(service)
+    require_principal = principal_dependency(service.keys, service.config.auth)
     app.include_router(create_ops_router(service.store, service.ledger, service.config.accounting, require_principal))
     Caller = Depends(require_principal)  # read as a type in the signatures below
+    Options = Depends(create_options)  # the create headers
 
     @app.middleware("http")
-    async def _limit_body(request: Request, call_next):  # noqa: ANN001, ANN202 - ASGI middleware
+    async def _limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > service.config.limits.max_request_bytes:
             err = ApiError(413, "request_too_large", f"body is over {service.config.limits.max_request_bytes} bytes", "body")
@@ -86,46 +88,20 @@ def create_api(service: JobService) -> FastAPI:
         responses={**_ERROR_RESPONSES, 429: {"description": "A limit was hit (`code` says which); see Retry-After"}},
     )
     def create_generation(
-        body: GenerationRequest,
-        response: Response,
-        principal: Principal = Caller,
-        priority: str | None = Header(None, alias="X-Priority", description="realtime | standard | batch (capped at the key's tier)."),
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="Same key + same body -> the same job."),
-        start_deadline: str | None = Header(None, alias="X-Start-Deadline", description="Seconds; still queued then -> expired."),
+        body: GenerationRequest, response: Response, principal: Principal = Caller, options: CreateOptions = Options
     ) -> CreatedResponse:
-        options = CreateOptions(
-            priority=parse_priority(priority),
-            idempotency_key=parse_idempotency_key(idempotency_key),
-            start_deadline_s=parse_start_deadline(start_deadline),
-        )
-        created = service.create_generation(body, principal, options)
-        if created.replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-        return CreatedResponse(request_id=created.job.id)
+        return _accepted(service.create("generation", body, principal, options), response)
 
     @app.post(
         "/v1/videos/edits", status_code=202, tags=["videos"], response_model=CreatedResponse,
         responses={**_ERROR_RESPONSES, 413: {"description": "Source or mask too large"}, 429: {"description": "A limit was hit"}},
     )
     def create_edit(
-        body: EditRequest,
-        response: Response,
-        principal: Principal = Caller,
-        priority: str | None = Header(None, alias="X-Priority", description="realtime | standard | batch (capped at the key's tier)."),
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key", description="Same key + same body -> the same job."),
-        start_deadline: str | None = Header(None, alias="X-Start-Deadline", description="Seconds; still queued then -> expired."),
+        body: EditRequest, response: Response, principal: Principal = Caller, options: CreateOptions = Options
     ) -> CreatedResponse:
         """Edit a clip by instruction ("remove the man in the background", "add a tree on the left") or by an
         explicit mask; the result keeps the source's frames, fps, size and audio track."""
-        options = CreateOptions(
-            priority=parse_priority(priority),
-            idempotency_key=parse_idempotency_key(idempotency_key),
-            start_deadline_s=parse_start_deadline(start_deadline),
-        )
-        created = service.create_edit(body, principal, options)
-        if created.replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-        return CreatedResponse(request_id=created.job.id)
+        return _accepted(service.create("edit", body, principal, options), response)
 
     @app.get("/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
     def get_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
@@ -170,7 +146,9 @@ def create_api(service: JobService) -> FastAPI:
     def video_content(
         job_id: str, principal: Principal = Caller, range_header: str | None = Header(None, alias="Range")
     ) -> Response:
-        rng, body = service.content(job_id, range_header, principal.tenant)
+        video = service.content(job_id, principal.tenant)
+        rng = parse_range(range_header, video.size)
+        body = service.artifacts.iter_range(video.key, rng.start, rng.end)
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Length": str(rng.end - rng.start + 1),

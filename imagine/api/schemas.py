@@ -6,13 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from imagine.jobs.params import MAX_SEED, AspectRatio, Resolution
 from imagine.pipeline.sizing import ASPECT_RATIOS, RESOLUTIONS
 
-Resolution = Literal["480p", "720p"]
-AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3"]
 assert set(Resolution.__args__) == set(RESOLUTIONS) and set(AspectRatio.__args__) == set(ASPECT_RATIOS)
-
-MAX_SEED = 2**32 - 1
 
 
 class GenerationRequest(BaseModel):
@@ -58,7 +55,7 @@ class MaskSpec(BaseModel):
     video_url: str | None = Field(None, description="Mask video as a data URI, same size and frame count as the source.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "MaskSpec":
+    def _exactly_one(self) -> MaskSpec:
         given = [name for name in ("boxes", "frames", "video_url") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of boxes, frames, video_url (got {', '.join(given) or 'none'})")

@@ -76,7 +76,7 @@ def _job_columns(job: JobRecord, now: float) -> dict[str, Any]:
         "tenant": job.tenant,
         "model": job.model,
         "tier": job.priority,
-        "resolution": str(job.params.get("resolution", "")),
+        "resolution": job.params.resolution,
         "day": utc_day(now),
         "created_at": now,
     }

@@ -13,14 +13,19 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+
+from imagine.jobs.params import JobKind, JobParams, params_for, params_type
 
 metadata = sa.MetaData()
+DEFAULT_POOL = "denoiser"  # the pool of generation jobs when no router picks a parallel variant
 
 jobs_table = sa.Table(
     "jobs",
@@ -47,7 +52,9 @@ jobs_table = sa.Table(
     sa.Column("api_key_id", sa.String(64), nullable=True),  # the API key that created the job (None: auth off)
     sa.Column("deadline_at", sa.Float, nullable=True),  # X-Start-Deadline: expire if still queued after this
     # which deployment's slots the job needs: "denoiser", a parallel variant ("sp4"), "editor"
-    sa.Column("pool", sa.String(64), nullable=False, default="denoiser"),
+    sa.Column("pool", sa.String(64), nullable=False, default=DEFAULT_POOL),
+    # `params.duration` as a column: admission sums a key's requested seconds per day in SQL
+    sa.Column("duration_s", sa.Float, nullable=False, default=0.0),
     sa.Index("ix_jobs_status_created", "status", "created_at"),
     sa.Index("ix_jobs_queue_heads", "status", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_queue_heads_pool", "status", "pool", "tenant", "priority", "created_at"),
@@ -95,11 +102,11 @@ class JobStateConflict(RuntimeError):
 class JobRecord:
     id: str
     tenant: str
-    kind: str
+    kind: JobKind
     model: str
     priority: str
     status: JobStatus
-    params: dict[str, Any]
+    params: JobParams  # GenerationParams for kind "generation", EditParams for "edit"
     progress: float
     cancel_requested: bool
     attempt: int
@@ -114,20 +121,41 @@ class JobRecord:
     updated_at: float
     api_key_id: str | None = None
     deadline_at: float | None = None
-    pool: str = "denoiser"
+    pool: str = DEFAULT_POOL
 
 
-@dataclass
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
 class NewJob:
-    kind: str
+    kind: JobKind
     model: str
-    params: dict[str, Any]
+    params: JobParams  # the model of `kind` (`imagine.jobs.params.params_type`)
     tenant: str = "default"
     priority: str = "standard"
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_job_id)
     api_key_id: str | None = None
     deadline_at: float | None = None
-    pool: str = "denoiser"
+    pool: str = DEFAULT_POOL
+
+    def __post_init__(self) -> None:
+        expected = params_type(self.kind)
+        if not isinstance(self.params, expected):
+            raise TypeError(f"a {self.kind!r} job takes {expected.__name__}, got {type(self.params).__name__}")
+
+
+# keys an older version stored that the typed params no longer have (dropped on read, so its rows still load)
+_RETIRED_PARAMS: dict[str, tuple[str, ...]] = {"edit": ("image_key",)}
+
+
+def load_params(kind: str, text: str) -> JobParams:
+    """A stored `params` column, typed by the job's kind."""
+    data = json.loads(text)
+    for key in _RETIRED_PARAMS.get(kind, ()):
+        data.pop(key, None)
+    return params_for(kind, data)
 
 
 def _row_to_record(row: sa.Row) -> JobRecord:
@@ -139,7 +167,7 @@ def _row_to_record(row: sa.Row) -> JobRecord:
         model=m["model"],
         priority=m["priority"],
         status=JobStatus(m["status"]),
-        params=json.loads(m["params"]),
+        params=load_params(m["kind"], m["params"]),
         progress=float(m["progress"]),
         cancel_requested=bool(m["cancel_requested"]),
         attempt=int(m["attempt"]),
@@ -169,7 +197,7 @@ def make_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI callback
+        def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -183,6 +211,7 @@ def make_engine(url: str) -> sa.Engine:
 
 
 _ADMISSION_LOCK_KEY = 0x1D_E4_A1_5E  # PostgreSQL advisory lock id of job admission (any constant of ours)
+_BACKFILL_WINDOW_S = 86_400  # admission sums one UTC day of jobs: older rows need no `duration_s`
 
 
 def _add_missing_columns(engine: sa.Engine) -> None:
@@ -202,10 +231,32 @@ def _add_missing_columns(engine: sa.Engine) -> None:
         try:
             with engine.begin() as conn:
                 conn.exec_driver_sql(ddl)
+                backfill = _BACKFILLS.get(col.name)
+                if backfill is not None:
+                    backfill(conn)
         except (sa.exc.OperationalError, sa.exc.ProgrammingError) as e:
             # another replica starting at the same time may have added it first
             if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
                 raise RuntimeError(f"could not add column jobs.{col.name}: {e}") from e
+
+
+def _backfill_duration_s(conn: sa.Connection) -> None:
+    """`duration_s` of the rows of the last day (all that admission's daily sum reads) from their params JSON,
+    in one UPDATE (SQLite's `json_extract`, PostgreSQL's `->>`)."""
+    j = jobs_table
+    if conn.dialect.name == "postgresql":
+        stored = sa.cast(j.c.params, postgresql.JSONB)["duration"].astext.cast(sa.Float)
+    else:
+        stored = sa.func.json_extract(j.c.params, "$.duration")
+    conn.execute(
+        sa.update(j)
+        .where(j.c.created_at >= time.time() - _BACKFILL_WINDOW_S)
+        .values(duration_s=sa.func.coalesce(stored, 0.0))
+    )
+
+
+# data migrations of a column added to an older table, run in the transaction that adds it
+_BACKFILLS: dict[str, Callable[[sa.Connection], None]] = {"duration_s": _backfill_duration_s}
 
 
 def create_tables(engine: sa.Engine, meta: sa.MetaData, tables: list[sa.Table] | None = None) -> None:
@@ -272,23 +323,24 @@ class JobStore:
         """Insert `job` as queued inside the caller's transaction (the API runs admission checks and the
         Idempotency-Key record in the same one, so a rejected request leaves no row behind)."""
         now = time.time() if now is None else now
-        values = dict(
-            id=job.id,
-            tenant=job.tenant,
-            kind=job.kind,
-            model=job.model,
-            priority=job.priority,
-            status=JobStatus.QUEUED.value,
-            params=json.dumps(job.params, sort_keys=True),
-            progress=0.0,
-            cancel_requested=False,
-            attempt=0,
-            created_at=now,
-            updated_at=now,
-            api_key_id=job.api_key_id,
-            deadline_at=job.deadline_at,
-            pool=job.pool,
-        )
+        values = {
+            "id": job.id,
+            "tenant": job.tenant,
+            "kind": job.kind,
+            "model": job.model,
+            "priority": job.priority,
+            "status": JobStatus.QUEUED.value,
+            "params": job.params.model_dump_json(),
+            "duration_s": job.params.duration,
+            "progress": 0.0,
+            "cancel_requested": False,
+            "attempt": 0,
+            "created_at": now,
+            "updated_at": now,
+            "api_key_id": job.api_key_id,
+            "deadline_at": job.deadline_at,
+            "pool": job.pool,
+        }
         conn.execute(sa.insert(jobs_table).values(**values))
 
     # -- admission (read inside the creating transaction, after its insert: SQLite then holds the write
@@ -335,14 +387,14 @@ class JobStore:
         self, conn: sa.Connection, tenant: str, api_key_id: str | None, since: float, exclude_id: str
     ) -> float:
         """Sum of requested `duration` of a key's jobs created since `since`; failed, expired and
-        cancelled-before-start jobs do not count."""
+        cancelled-before-start jobs do not count. One aggregate in the database (`duration_s`)."""
         j = jobs_table
-        query = sa.select(j.c.params).where(
+        query = sa.select(sa.func.coalesce(sa.func.sum(j.c.duration_s), 0.0)).where(
             self._owner(tenant, api_key_id), j.c.id != exclude_id, j.c.created_at >= since,
             j.c.status.not_in([JobStatus.FAILED.value, JobStatus.EXPIRED.value]),
             sa.not_(sa.and_(j.c.status == JobStatus.CANCELLED.value, j.c.started_at.is_(None))),
         )
-        return float(sum(float(json.loads(params).get("duration", 0.0)) for (params,) in conn.execute(query)))
+        return float(conn.execute(query).scalar_one())
 
     def expire_overdue(self, now: float | None = None) -> list[str]:
         """queued -> expired (finished_at set) for every job whose start deadline has passed, in one

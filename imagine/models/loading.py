@@ -16,14 +16,22 @@ from typing import Any
 import torch
 
 from imagine.models.cache import MODEL_INDEX, build_dir_once
-from imagine.models.presets import BUILTIN_SOURCES, BUILTIN_TINY_SOURCE, BUILTIN_TINY_VACE_SOURCE, ModelPreset
+from imagine.models.presets import (
+    BUILTIN_SOURCES,
+    BUILTIN_TINY_GROUNDING_SOURCE,
+    BUILTIN_TINY_SOURCE,
+    BUILTIN_TINY_VACE_SOURCE,
+    ModelPreset,
+)
 from imagine.models.tiny import ensure_tiny_ltx2
+from imagine.models.tiny_grounding import ensure_tiny_grounding
 from imagine.models.tiny_vace import ensure_tiny_vace
 
 # builtin source -> `ensure_*(home) -> model dir` that builds it under home/models once
 BUILTIN_BUILDERS: dict[str, Callable[[Path], Path]] = {
     BUILTIN_TINY_SOURCE: ensure_tiny_ltx2,
     BUILTIN_TINY_VACE_SOURCE: ensure_tiny_vace,
+    BUILTIN_TINY_GROUNDING_SOURCE: ensure_tiny_grounding,
 }
 
 
@@ -34,8 +42,8 @@ class ModelSourceError(ValueError):
 def resolve_model_dir(preset: ModelPreset, home: Path, endpoint_url: str | None = None) -> Path:
     """Local directory (diffusers pipeline layout) holding `preset`'s weights, building/downloading it if needed.
 
-    - ``builtin:tiny`` / ``builtin:tiny-vace``: built once under ``home/models/tiny-<config-hash>`` /
-      ``home/models/tiny-vace-<config-hash>``;
+    - ``builtin:tiny`` / ``builtin:tiny-vace`` / ``builtin:tiny-grounding``: built once under
+      ``home/models/tiny-<config-hash>`` / ``tiny-vace-<config-hash>`` / ``tiny-grounding-<config-hash>``;
     - a local directory: must exist and contain ``model_index.json``;
     - ``s3://bucket/prefix``: downloaded once to ``home/models/s3/<bucket>/<prefix>`` (``endpoint_url`` selects an
       S3-compatible server; credentials come from boto3's usual chain).
@@ -125,7 +133,8 @@ def load_components(
 ) -> dict[str, Any]:
     """Load the named pipeline components from `model_dir` (classes as recorded in its model_index.json).
 
-    Modules are moved to `device`/`dtype` and put in eval mode; tokenizers and schedulers are returned as loaded.
+    Modules are moved to `device`/`dtype` and put in eval mode; tokenizers, schedulers and image processors are
+    returned as loaded.
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX

@@ -6,15 +6,23 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelFamily = Literal["ltx2", "wan_vace"]
+ModelFamily = Literal["ltx2", "wan_vace", "grounding"]
 """`ltx2`: joint video + audio generation (LTX2Pipeline layout). `wan_vace`: masked video editing
-(WanVACEPipeline layout); it cannot generate from text alone, so generation endpoints serve only `ltx2`."""
+(WanVACEPipeline layout); it cannot generate from text alone, so generation endpoints serve only `ltx2`.
+`grounding`: the edit path's text-conditioned detector + SAM2 video segmenter (the layout of
+`imagine.models.tiny_grounding`), which finds what an instruction names; it generates nothing."""
 MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
 
 BUILTIN_TINY_SOURCE = "builtin:tiny"
 BUILTIN_TINY_VACE_SOURCE = "builtin:tiny-vace"
-# Random-init models built in code (see imagine.models.tiny / tiny_vace), and the family each one belongs to.
-BUILTIN_SOURCES: dict[str, str] = {BUILTIN_TINY_SOURCE: "ltx2", BUILTIN_TINY_VACE_SOURCE: "wan_vace"}
+BUILTIN_TINY_GROUNDING_SOURCE = "builtin:tiny-grounding"
+# Random-init models built in code (see imagine.models.tiny / tiny_vace / tiny_grounding), and the family each one
+# belongs to.
+BUILTIN_SOURCES: dict[str, str] = {
+    BUILTIN_TINY_SOURCE: "ltx2",
+    BUILTIN_TINY_VACE_SOURCE: "wan_vace",
+    BUILTIN_TINY_GROUNDING_SOURCE: "grounding",
+}
 
 
 class UnknownModelError(KeyError):
@@ -36,13 +44,14 @@ class ModelPreset(BaseModel):
 
     name: str = Field(description="Preset name used in requests and config, e.g. 'ltx-2'.", min_length=1)
     family: ModelFamily = Field(
-        description="Model family; selects the pipeline stages: 'ltx2' (text/image -> video + audio generation) or "
-        "'wan_vace' (masked video editing)."
+        description="Model family; selects the pipeline stages: 'ltx2' (text/image -> video + audio generation), "
+        "'wan_vace' (masked video editing) or 'grounding' (detector + SAM2: the masks of an edit instruction)."
     )
     source: str = Field(
         description=(
             "Where the weights come from: a builtin random-init tiny model built in code ('builtin:tiny' for ltx2, "
-            "'builtin:tiny-vace' for wan_vace), a local directory in diffusers pipeline layout (with "
+            "'builtin:tiny-vace' for wan_vace, 'builtin:tiny-grounding' for grounding), a local directory in "
+            "diffusers pipeline layout (with "
             "model_index.json; '~' is expanded), or 's3://bucket/prefix'."
         ),
         min_length=1,
@@ -126,13 +135,29 @@ PRESETS: dict[str, ModelPreset] = {
             default_guidance_scale=5.0,
             max_duration_s=10.0,
         ),
+        ModelPreset(
+            name="tiny-grounding",
+            family="grounding",
+            source=BUILTIN_TINY_GROUNDING_SOURCE,
+            description="Random-init GroundingDINO + SAM2 video models built in code: they detect and segment "
+            "noise (their stage keeps each key frame's best box). For tests, CI and laptops.",
+        ),
+        ModelPreset(
+            name="grounding",
+            family="grounding",
+            source="~/models/grounding",
+            description="GroundingDINO (e.g. IDEA-Research/grounding-dino-tiny) + SAM2.1 video (e.g. "
+            "facebook/sam2.1-hiera-small), saved in the layout of imagine.models.tiny_grounding (detector/, "
+            "detector_tokenizer/, detector_image_processor/, sam2/ and a model_index.json naming their classes). "
+            "Override `source` with the local directory or s3:// URI holding them.",
+        ),
     )
 }
 
 
 def list_presets(family: str | None = None) -> list[ModelPreset]:
     """Registered presets in registration order; only those of `family` when given (e.g. the generation
-    endpoints list 'ltx2', the edit endpoint 'wan_vace')."""
+    endpoints list 'ltx2', the edit endpoint 'wan_vace', grounding 'grounding')."""
     if family is not None and family not in MODEL_FAMILIES:
         raise ValueError(f"family must be one of {list(MODEL_FAMILIES)}, got {family!r}")
     return [preset for preset in PRESETS.values() if family is None or preset.family == family]

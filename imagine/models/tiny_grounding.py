@@ -1,12 +1,16 @@
 """Random-init, seeded "tiny" grounding models built in code: a GroundingDINO text-conditioned detector (with a
-tiny BERT WordPiece tokenizer) and a SAM2 video segmenter, saved with `save_pretrained` as
+tiny BERT WordPiece tokenizer) and a SAM2 video segmenter, saved with `save_pretrained` in the grounding layout
 
-    <dir>/model_index.json   which component lives in which subfolder
-    <dir>/detector/          GroundingDinoForObjectDetection + tokenizer + image-processor config
-    <dir>/sam2/              Sam2VideoModel
+    <dir>/model_index.json            each component's library and class (diffusers' format)
+    <dir>/detector/                   GroundingDinoForObjectDetection
+    <dir>/detector_tokenizer/         its tokenizer
+    <dir>/detector_image_processor/   its image processor (the PIL backend: the default one needs torchvision)
+    <dir>/sam2/                       Sam2VideoModel
 
-and loaded back through the same `from_pretrained` path as real checkpoints. Their detections and masks are
-noise; they exist so the edit path runs (and is tested) on a laptop CPU in seconds.
+and loaded back by `imagine.models.loading.load_components`, the same `from_pretrained` path as real checkpoints
+(GroundingDINO + SAM2.1 saved into the same subfolders with such an index). This is the builtin source of the
+`tiny-grounding` preset. Their detections and masks are noise; they exist so the edit path runs (and is tested) on
+a laptop CPU in seconds.
 
 Config constraints found while shrinking them (transformers 5.x): GroundingDINO needs `d_model` divisible by 32
 (GroupNorm(32)), `decoder_layers >= 2` and a Swin backbone with `use_timm_backbone=False`; SAM2 video needs
@@ -29,10 +33,10 @@ from imagine.models.cache import MODEL_INDEX, build_dir_once
 
 TINY_GROUNDING_SEED = 0
 # Bump when the build recipe changes in a way the config dicts below do not capture.
-TINY_GROUNDING_RECIPE_VERSION = 2
-DETECTOR_SUBFOLDER = "detector"
-SAM2_SUBFOLDER = "sam2"
+TINY_GROUNDING_RECIPE_VERSION = 3
 GROUNDING_INDEX_CLASS = "ImagineGrounding"
+# The components of a grounding model directory, each in the subfolder of its name (see the module docstring).
+GROUNDING_COMPONENTS = ["detector", "detector_tokenizer", "detector_image_processor", "sam2"]
 
 SWIN_CONFIG: dict[str, Any] = {
     "image_size": 64,
@@ -202,16 +206,10 @@ def save_tiny_grounding(target_dir: Path) -> Path:
     `build_tiny_grounding`)."""
     target_dir = Path(target_dir)
     components = build_tiny_grounding_components()
-    detector_dir = target_dir / DETECTOR_SUBFOLDER
-    components["detector"].save_pretrained(detector_dir)
-    components["detector_tokenizer"].save_pretrained(detector_dir)
-    components["detector_image_processor"].save_pretrained(detector_dir)
-    components["sam2"].save_pretrained(target_dir / SAM2_SUBFOLDER)
-    index = {
-        "_class_name": GROUNDING_INDEX_CLASS,
-        DETECTOR_SUBFOLDER: ["transformers", type(components["detector"]).__name__],
-        SAM2_SUBFOLDER: ["transformers", type(components["sam2"]).__name__],
-    }
+    index: dict[str, Any] = {"_class_name": GROUNDING_INDEX_CLASS}
+    for name in GROUNDING_COMPONENTS:
+        components[name].save_pretrained(target_dir / name)
+        index[name] = ["transformers", type(components[name]).__name__]
     (target_dir / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return target_dir
 

@@ -1,9 +1,11 @@
-"""Sequence/tensor-parallel denoising (DeepSpeed), process groups and the routing rule; no model code beyond the
-adapter tables of `ulysses` and `tensor`.
+"""Sequence/tensor-parallel denoising (DeepSpeed), process groups and the routing rule: generic mechanisms only.
+Models are known as data: each model module in `imagine.models` registers its plans in `registry`, by class.
 
 - `dist`: join a torch.distributed group through DeepSpeed's comm layer; run a function on N local ranks.
-- `ulysses`: DeepSpeed-Ulysses sequence parallel for unmodified diffusers transformers (LTX-2, Wan VACE).
-- `tensor`: DeepSpeed AutoTP for the Gemma text encoder and (explicit policy) the LTX-2 transformer.
+- `registry`: model class -> sequence-parallel adapter / tensor-parallel plan (plan modules load on first lookup).
+- `ulysses`: DeepSpeed-Ulysses sequence parallel for unmodified diffusers transformers, by their registered adapter.
+- `tensor`: DeepSpeed AutoTP: automatic policy for Hugging Face modules, registered plans for transformers.
+- `comm`: the token split (`TokenSharding`), token gathers and comm byte counts.
 - `routing`: which denoiser deployment (parallel degree) a request's token count needs.
 """
 

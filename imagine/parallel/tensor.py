@@ -1,5 +1,6 @@
-"""Tensor parallelism with DeepSpeed AutoTP: the Gemma-3 text encoder (automatic policy) and the LTX-2 transformer
-(explicit injection policy + an attention adapter that keeps the across-heads QK RMSNorm and RoPE exact).
+"""Tensor parallelism with DeepSpeed AutoTP: Hugging Face modules under AutoTP's automatic policy
+(`apply_auto_tp`) and diffusers transformers under an explicit per-model plan (`apply_transformer_tp` with the
+`TensorParallelPlan` the model registered in `imagine.parallel.registry`).
 
 Every rank of the group holds 1/N of each sharded weight, gets the same inputs and returns the same (replicated)
 outputs, so a stage runs unchanged on top of a parallelized module. The group is the whole default group
@@ -7,12 +8,12 @@ outputs, so a stage runs unchanged on top of a parallelized module. The group is
 
 Why the pieces below exist (see FINDINGS "Tensor parallel"):
 
-* AutoTP's automatic policy cannot parse the LTX-2 blocks ("Not able to determine model policy automatically").
-  An explicit `injection_policy` naming the row-parallel layers (`to_out.0`, `net.2`) shards every other linear
-  of a block column-wise, which is right for the FFNs and for Q/K/V/gate, but LTX-2 normalizes Q and K with one
-  RMSNorm across *all* heads and gives each head its own RoPE slice. `_ShardedRMSNorm` all-reduces the sum of
-  squares so each rank normalizes its heads by the full-width statistic, and `TensorParallelLTX2AttnProcessor`
-  hands each rank the RoPE slice of its own heads. With those, TP2 equals TP1 to float rounding.
+* AutoTP's automatic policy cannot parse every diffusers block ("Not able to determine model policy
+  automatically"). A plan's explicit `injection_policy` names the row-parallel layers of a block and AutoTP shards
+  every other linear of it column-wise, which is right for the FFNs and for Q/K/V/gate. Some models normalize Q and
+  K with one RMSNorm across *all* heads: `_ShardedRMSNorm` all-reduces the sum of squares so each rank normalizes
+  its heads by the full-width statistic. Anything else a rank's heads need (e.g. its slice of the rotary
+  embeddings) is the plan's attention processor.
 * DeepSpeed's CPU shared-memory all-reduce (`torch.ops.deepspeed.inference_all_reduce_`, used whenever
   `LOCAL_SIZE` == world size) silently does nothing to a non-contiguous tensor: its kernel reduces
   `self.contiguous()`, a *copy*, and returns the untouched input (deepspeed/ops/csrc/cpu/comm/shm_interface.cpp,
@@ -23,22 +24,37 @@ Why the pieces below exist (see FINDINGS "Tensor parallel"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention import FeedForward
-from diffusers.models.transformers.transformer_ltx2 import (
-    LTX2Attention,
-    LTX2AudioVideoAttnProcessor,
-    LTX2AudioVideoRotaryPosEmbed,
-    LTX2VideoTransformer3DModel,
-    LTX2VideoTransformerBlock,
-)
 
-# LTX-2 names the parallel layer knows (the "small adapter table" of DESIGN section 2): the block class whose linears
-# AutoTP shards, the linears that are row-parallel (all-reduced outputs), and the attention module it adapts.
-_LTX2_ROW_PARALLEL = ("to_out.0", "net.2")
+from imagine.parallel.registry import tensor_parallel_models, tensor_parallel_plan
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How one transformer class is split (registered with `imagine.parallel.registry.register_tensor_parallel`).
+
+    AutoTP shards the linears of `row_parallel`'s block classes; then every `attention` module gets `heads` divided
+    by `tp_size`, its `head_norms` replaced by `_ShardedRMSNorm` and the processor `make_processor(rank, tp_size)`.
+    """
+
+    row_parallel: dict[type, tuple[str, ...]]
+    """AutoTP injection policy: block class -> names of its row-parallel linears (inputs split, outputs
+    all-reduced); every other linear of those blocks is split column-wise."""
+    attention: type
+    """Attention module class whose heads are split across ranks."""
+    processors: tuple[type, ...]
+    """Processor classes (exact types) the tensor-parallel processor may replace; any other is refused."""
+    make_processor: Callable[[int, int], Any]
+    """(rank, tp_size) -> the attention processor that runs this rank's heads."""
+    head_norms: tuple[str, ...] = ()
+    """Attributes of `attention` holding a `torch.nn.RMSNorm` across all heads (e.g. QK norms)."""
+    check: Callable[[torch.nn.Module, int], None] | None = None
+    """Model-specific checks beyond the attention heads: (transformer, tp_size), raising ValueError naming the
+    first part that cannot be split."""
 
 
 @dataclass(frozen=True)
@@ -149,45 +165,47 @@ def _init_inference(module: torch.nn.Module, tp_size: int, **extra: Any) -> torc
     return engine.module
 
 
-# --- text encoder ----------------------------------------------------------------------------------------------
+# --- automatic policy (Hugging Face modules) -------------------------------------------------------------------
 
 
-def apply_text_encoder_tp(text_encoder: torch.nn.Module, tp_size: int, tp_grain_size: int = 64) -> torch.nn.Module:
-    """Shard a Hugging Face text encoder (LTX-2's Gemma-3) over the group with DeepSpeed AutoTP; return the module
-    to put in place of `components["text_encoder"]` for `TextEncoderStage` (the same object, sharded in place).
+def apply_auto_tp(
+    module: torch.nn.Module, tp_size: int, tp_grain_size: int = 64, *, name: str = "module"
+) -> torch.nn.Module:
+    """Shard a Hugging Face module over the group with AutoTP's automatic policy; return it (sharded in place).
 
-    Attention is split by key/value heads, so both head counts must be divisible by `tp_size`. `tp_grain_size` is
-    AutoTP's split granularity for MLP widths (64 keeps GEMM shapes aligned; real Gemma-3 widths are multiples of
-    it); a rank whose share would be empty raises instead of silently running the whole layer on another rank.
+    Attention is split by query and key/value heads, so the head counts of its config (or of `config.text_config`
+    for a multimodal one) must be divisible by `tp_size`. `tp_grain_size` is AutoTP's split granularity for MLP
+    widths (64 keeps GEMM shapes aligned); a rank whose share would be empty raises instead of silently running the
+    whole layer on another rank. `name` is how errors call the module.
     """
     _validate_tp_size(tp_size)
-    if not isinstance(tp_grain_size, int) or tp_grain_size < 1:
+    if not isinstance(tp_grain_size, int) or isinstance(tp_grain_size, bool) or tp_grain_size < 1:
         raise ValueError(f"tp_grain_size must be an int >= 1, got {tp_grain_size!r}")
-    config = getattr(text_encoder, "config", None)
+    config = getattr(module, "config", None)
     text_config = getattr(config, "text_config", config)
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(text_config, field, None)
         if heads is not None and heads % tp_size != 0:
-            raise ValueError(f"text_encoder config {field}={heads} is not divisible by tp_size={tp_size}")
+            raise ValueError(f"{name} config {field}={heads} is not divisible by tp_size={tp_size}")
     _group_rank(tp_size)
     if tp_size == 1:
-        return text_encoder
+        return module
 
-    full = _linear_shapes(text_encoder)
-    module = _init_inference(text_encoder, tp_size, tensor_parallel={"tp_grain_size": tp_grain_size})
+    full = _linear_shapes(module)
+    module = _init_inference(module, tp_size, tensor_parallel={"tp_grain_size": tp_grain_size})
     table = _gather_shard_table(module, tp_size)
-    for i, name in enumerate(table.names):
+    for i, layer in enumerate(table.names):
         widths = table.widths[:, i]
         if int(widths.min()) == 0:
             raise ValueError(
-                f"text_encoder layer {name!r} of shape {tuple(full[name])} was split {widths.tolist()}: rank(s) "
+                f"{name} layer {layer!r} of shape {tuple(full[layer])} was split {widths.tolist()}: rank(s) "
                 f"{widths.eq(0).nonzero().flatten().tolist()} hold nothing of it; lower tp_grain_size={tp_grain_size} "
                 f"or tp_size={tp_size}"
             )
     return module
 
 
-# --- LTX-2 transformer -----------------------------------------------------------------------------------------
+# --- explicit plans (diffusers transformers) --------------------------------------------------------------------
 
 
 class _ShardedRMSNorm(torch.nn.Module):
@@ -218,112 +236,76 @@ class _ShardedRMSNorm(torch.nn.Module):
         return f"full_dim={self.full_dim}, eps={self.eps}"
 
 
-def _rope_slice(
-    emb: tuple[torch.Tensor, torch.Tensor] | None, rank: int, tp_size: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """This rank's part of a RoPE (cos, sin) pair. "split" RoPE is per head, (B, heads, T, d/2): take this rank's
-    heads; "interleaved" RoPE is per feature, (B, T, features): take this rank's features."""
-    if emb is None:
-        return None
-    dim = 1 if emb[0].ndim == 4 else -1
-    width = emb[0].shape[dim] // tp_size
-    return tuple(t.narrow(dim, rank * width, width) for t in emb)  # type: ignore[return-value]
-
-
-class TensorParallelLTX2AttnProcessor(LTX2AudioVideoAttnProcessor):
-    """diffusers' LTX-2 attention processor on this rank's heads: the module it runs on holds column-sharded Q/K/V
-    (and gate) projections, a row-parallel output projection, `_ShardedRMSNorm` Q/K norms and `heads` set to the
-    local head count; this processor only narrows the rotary embeddings to those heads."""
-
-    def __init__(self, rank: int, tp_size: int):
-        super().__init__()
-        self.rank = rank
-        self.tp_size = tp_size
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        return super().__call__(
-            attn,
-            hidden_states,
-            encoder_hidden_states,
-            attention_mask,
-            _rope_slice(query_rotary_emb, self.rank, self.tp_size),
-            _rope_slice(key_rotary_emb, self.rank, self.tp_size),
-        )
-
-
-def _check_transformer(transformer: torch.nn.Module, tp_size: int) -> None:
-    """Raise naming the first part of `transformer` that cannot be split `tp_size` ways."""
-    if not isinstance(transformer, LTX2VideoTransformer3DModel):
+def _plan_for(transformer: torch.nn.Module) -> TensorParallelPlan:
+    plan = tensor_parallel_plan(transformer)
+    if plan is None:
         raise TypeError(
-            f"transformer must be an LTX2VideoTransformer3DModel for tensor parallelism, got {type(transformer).__name__}"
+            f"transformer: tensor parallelism has no plan for {type(transformer).__name__}; "
+            f"supported: {tensor_parallel_models()}"
         )
+    return plan
+
+
+def _check_transformer(transformer: torch.nn.Module, plan: TensorParallelPlan, tp_size: int) -> None:
+    """Raise naming the first part of `transformer` that cannot be split `tp_size` ways."""
     for name, module in transformer.named_modules():
-        if isinstance(module, LTX2Attention):
-            if type(module.processor) is not LTX2AudioVideoAttnProcessor:
+        if isinstance(module, plan.attention):
+            if type(module.processor) not in plan.processors:
+                supported = ", ".join(cls.__name__ for cls in plan.processors)
                 raise ValueError(
-                    f"transformer attention {name!r} runs {type(module.processor).__name__}; tensor parallelism adapts "
-                    f"only diffusers' LTX2AudioVideoAttnProcessor (no STG/perturbed attention, no sequence-parallel "
-                    f"or already-parallel processor)"
+                    f"transformer attention {name!r} runs {type(module.processor).__name__}; tensor parallelism "
+                    f"adapts only {supported} (not a perturbed-attention, sequence-parallel or already "
+                    f"tensor-parallel processor)"
                 )
             if module.heads % tp_size:
                 raise ValueError(
                     f"transformer attention {name!r} has {module.heads} heads, not divisible by tp_size={tp_size}"
                 )
-        elif isinstance(module, LTX2AudioVideoRotaryPosEmbed) and module.rope_type == "split":
-            if module.num_attention_heads % tp_size:
-                raise ValueError(
-                    f"transformer rope {name!r} has {module.num_attention_heads} heads, not divisible by tp_size={tp_size}"
-                )
-        elif isinstance(module, FeedForward):
-            width = module.net[2].in_features
-            if width % tp_size:
-                raise ValueError(
-                    f"transformer feed-forward {name!r} width {width} is not divisible by tp_size={tp_size}"
-                )
+            for norm_name in plan.head_norms:
+                if not isinstance(getattr(module, norm_name), torch.nn.RMSNorm):
+                    raise TypeError(
+                        f"transformer attention {name!r}.{norm_name} is a {type(getattr(module, norm_name)).__name__}; "
+                        f"the plan's head norms must be torch.nn.RMSNorm"
+                    )
+    if plan.check is not None:
+        plan.check(transformer, tp_size)
 
 
 def apply_transformer_tp(transformer: torch.nn.Module, tp_size: int) -> TensorParallelInfo:
-    """Shard an LTX-2 `LTX2VideoTransformer3DModel` in place over the group: every block's Q/K/V/gate and first FFN
-    projections column-wise, its attention output and second FFN projections row-wise (DeepSpeed AutoTP with an
-    explicit injection policy), attention heads split with exact across-heads QK RMSNorm and per-head RoPE.
+    """Shard a transformer in place over the group with the `TensorParallelPlan` registered for its class: the
+    linears of its blocks column- or row-wise (DeepSpeed AutoTP with the plan's injection policy), attention heads
+    split, across-heads RMSNorms exact (`_ShardedRMSNorm`), the plan's processor on every attention.
 
-    Embeddings, adaLN/timestep modulation, RoPE tables and the output projections stay replicated (small). Every
-    rank must call it on identical weights and then run identical inputs; outputs are replicated. `tp_size=1` leaves
-    the model untouched.
+    What the plan's blocks do not hold (embeddings, modulation, output projections) stays replicated. Every rank
+    must call it on identical weights and then run identical inputs; outputs are replicated. `tp_size=1` leaves the
+    model untouched. Raises TypeError for a class without a plan, ValueError for a part `tp_size` cannot split.
     """
     _validate_tp_size(tp_size)
-    _check_transformer(transformer, tp_size)
+    plan = _plan_for(transformer)
+    _check_transformer(transformer, plan, tp_size)
     rank = _group_rank(tp_size)
     before = _parameter_count(transformer)
     if tp_size == 1:
         return TensorParallelInfo(1, 0, 0, 0, before, before)
 
     full = _linear_shapes(transformer)
-    _init_inference(transformer, tp_size, injection_policy={LTX2VideoTransformerBlock: _LTX2_ROW_PARALLEL})
+    _init_inference(transformer, tp_size, injection_policy=plan.row_parallel)
     table = _gather_shard_table(transformer, tp_size)
     for i, name in enumerate(table.names):
         expected = full[name][table.split_dims[i]] // tp_size
         if table.widths[:, i].ne(expected).any():
-            # the sharded norms and RoPE slices assume rank r holds block r of equal width
+            # the sharded norms and the plan's processor assume rank r holds block r of equal width
             raise RuntimeError(
                 f"AutoTP split transformer layer {name!r} as {table.widths[:, i].tolist()}, not {tp_size} x {expected}"
             )
 
     attentions = 0
     for module in transformer.modules():
-        if isinstance(module, LTX2Attention):
-            module.norm_q = _ShardedRMSNorm(module.norm_q, rank, tp_size)
-            module.norm_k = _ShardedRMSNorm(module.norm_k, rank, tp_size)
+        if isinstance(module, plan.attention):
+            for norm_name in plan.head_norms:
+                setattr(module, norm_name, _ShardedRMSNorm(getattr(module, norm_name), rank, tp_size))
             module.heads //= tp_size
-            module.set_processor(TensorParallelLTX2AttnProcessor(rank, tp_size))
+            module.set_processor(plan.make_processor(rank, tp_size))
             attentions += 1
     return TensorParallelInfo(
         tp_size=tp_size,

@@ -17,7 +17,9 @@ the video tokens through the blocks (projections, norms, per-token modulation, F
 
 The attention core is swapped without copying diffusers' processor code: the processor's own `__call__` (its
 projections, qk-norm, RoPE, gating and output projection) is re-created with `dispatch_attention_fn` bound to our
-core. Model families are known only through `_adapters()`, a small table keyed by transformer class.
+core. Models are known only as data: each model module (`imagine.models`) registers a `SequenceParallelAdapter`
+for its transformer class in `imagine.parallel.registry` (which attentions are Ulysses or sharded-KV, how to count
+and shard its per-token inputs, which module outputs to shard or gather); this module applies it.
 Inference only: the token gathers are not differentiable. One forward at a time per transformer.
 """
 
@@ -31,7 +33,6 @@ import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, Self
 
 import torch
@@ -39,6 +40,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from imagine.parallel.comm import CommCounter, TokenSharding, gather_tokens
+from imagine.parallel.registry import sequence_parallel_adapter, sequence_parallel_models
 
 _HANDLE_ATTR = "_imagine_sequence_parallel"
 
@@ -52,8 +54,9 @@ class AttentionRole(enum.Enum):
     """Replicated queries over sharded keys/values: partial attention per rank, merged by log-sum-exp."""
 
 
-class _Runtime:
-    """State shared by one handle's hooks and attention cores: the group and the current forward's token split."""
+class SequenceParallelRuntime:
+    """State shared by one handle's hooks and attention cores: the group and the current forward's token split.
+    Adapters get it to shard their inputs (`shard`) and gather outputs (`gather`) with the current split."""
 
     def __init__(self, group: ProcessGroup | None, world_size: int, rank: int, counter: CommCounter):
         self.group = group
@@ -83,7 +86,7 @@ def _check_core_call(
     if attn_mask is not None:
         raise NotImplementedError(
             f"{role.value} sequence-parallel attention got an attn_mask; only key padding is supported there "
-            "(e.g. LTX-2's video_self_attention_mask cannot be used with sequence parallelism)"
+            "(a model's own attention masks cannot be used with sequence parallelism)"
         )
     if is_causal:
         raise NotImplementedError(f"{role.value} sequence-parallel attention does not support is_causal=True")
@@ -100,7 +103,7 @@ class _LocalAttention(nn.Module):
     """What DistributedAttention runs between its all-to-alls, on [B, S_padded, H/N, D]: diffusers' dispatcher
     (so the model's chosen attention backend is kept), padded keys masked."""
 
-    def __init__(self, runtime: _Runtime):
+    def __init__(self, runtime: SequenceParallelRuntime):
         super().__init__()
         self.runtime = runtime
 
@@ -125,7 +128,7 @@ class _LocalAttention(nn.Module):
 class _UlyssesCore:
     """Drop-in for `dispatch_attention_fn` inside a processor whose q, k, v are all this rank's token shard."""
 
-    def __init__(self, runtime: _Runtime):
+    def __init__(self, runtime: SequenceParallelRuntime):
         from deepspeed.sequence.layer import DistributedAttention
 
         self.runtime = runtime
@@ -178,7 +181,7 @@ class _ShardedKVCore:
     which is much less when the queries are few (LTX-2: audio tokens querying video tokens).
     """
 
-    def __init__(self, runtime: _Runtime):
+    def __init__(self, runtime: SequenceParallelRuntime):
         self.runtime = runtime
 
     def __call__(
@@ -255,9 +258,9 @@ def _with_attention_core(processor: Any, core: Callable[..., torch.Tensor], cach
     return swapped
 
 
-# -- the adapter table -------------------------------------------------------------------------------------------
+# -- the adapter (one per transformer class, registered by the model's module) ----------------------------------
 
-OutputHook = Callable[[Any, _Runtime], Any]
+OutputHook = Callable[[Any, SequenceParallelRuntime], Any]
 
 
 @dataclass(frozen=True)
@@ -269,156 +272,34 @@ class SequenceParallelAdapter:
     """Attention module name pattern -> role. Attentions not listed keep their processor unchanged."""
     num_tokens: Callable[[nn.Module, dict[str, Any]], int]
     """Video token count of a call, from the forward's bound arguments."""
-    shard_inputs: Callable[[nn.Module, dict[str, Any], _Runtime], None]
+    shard_inputs: Callable[[nn.Module, dict[str, Any], SequenceParallelRuntime], None]
     """Shards per-token forward arguments in place (bound arguments, defaults applied)."""
     output_hooks: dict[str, OutputHook] = field(default_factory=dict)
     """Module name -> function of (module output, runtime) returning the replacement output."""
 
 
-def _gather_dim(dim: int) -> OutputHook:
-    def hook(output: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
+def gather_output(dim: int) -> OutputHook:
+    """An output hook that all-gathers a module's token-sharded output along `dim` (e.g. the output projection)."""
+
+    def hook(output: torch.Tensor, runtime: SequenceParallelRuntime) -> torch.Tensor:
         return runtime.gather(output, dim)
 
     return hook
 
 
-def _ltx2_num_tokens(model: nn.Module, kwargs: dict[str, Any]) -> int:
-    return kwargs["hidden_states"].shape[1]
-
-
-def _ltx2_shard_inputs(model: nn.Module, kwargs: dict[str, Any], runtime: _Runtime) -> None:
-    """Shard LTX-2's video tokens before `proj_in`, their RoPE coordinates (so `rope` and `cross_attn_rope` give each
-    rank its own cos/sin, split or interleaved alike) and a per-token (B, S) timestep (image-to-video: per-token
-    modulation). Audio stays replicated on every rank: it has ~25 tokens per second against thousands of video
-    tokens, so replicating it costs little compute, needs no audio head divisibility, and leaves audio self- and
-    text attention untouched; only video-to-audio attention (audio queries, video keys) needs a merge."""
-    if kwargs.get("video_self_attention_mask") is not None:
-        raise NotImplementedError("video_self_attention_mask is not supported with sequence parallelism")
-    hidden_states = kwargs["hidden_states"]
-    if kwargs.get("video_coords") is None:
-        missing = [name for name in ("num_frames", "height", "width") if kwargs.get(name) is None]
-        if missing:
-            raise ValueError(f"video_coords is None, so {missing} must be given to place the video tokens")
-        kwargs["video_coords"] = model.rope.prepare_video_coords(
-            hidden_states.shape[0],
-            kwargs["num_frames"],
-            kwargs["height"],
-            kwargs["width"],
-            hidden_states.device,
-            fps=kwargs["fps"],
-        )
-    kwargs["video_coords"] = runtime.shard(kwargs["video_coords"], dim=2)  # [B, 3, S, 2]
-    kwargs["hidden_states"] = runtime.shard(hidden_states, dim=1)
-    timestep = kwargs["timestep"]
-    if timestep.ndim == 2:
-        if kwargs.get("audio_timestep") is None:
-            kwargs["audio_timestep"] = timestep  # the model's default, taken before the video copy is sharded
-        kwargs["timestep"] = runtime.shard(timestep, dim=1)
-    if kwargs.get("video_keyframes_mask") is not None:
-        kwargs["video_keyframes_mask"] = runtime.shard(kwargs["video_keyframes_mask"], dim=1)
-
-
-def _wan_num_tokens(model: nn.Module, kwargs: dict[str, Any]) -> int:
-    _, _, frames, height, width = kwargs["hidden_states"].shape
-    p_t, p_h, p_w = model.config.patch_size
-    return (frames // p_t) * (height // p_h) * (width // p_w)
-
-
-def _wan_shard_inputs(model: nn.Module, kwargs: dict[str, Any], runtime: _Runtime) -> None:
-    """Wan embeds tokens with a conv (sharded at its output, see `_wan_shard_patches`); only a per-token (B, S)
-    timestep (Wan 2.2 TI2V) is sharded here."""
-    if kwargs["timestep"].ndim == 2:
-        kwargs["timestep"] = runtime.shard(kwargs["timestep"], dim=1)
-
-
-def _wan_vace_shard_inputs(model: nn.Module, kwargs: dict[str, Any], runtime: _Runtime) -> None:
-    """Nothing to shard before the patch embeddings; the VACE forward only takes a per-batch timestep (a per-token
-    one would fail deep inside the model, so say so here)."""
-    if kwargs["timestep"].ndim != 1:
-        raise ValueError(
-            f"timestep must be 1-D (batch,) for WanVACETransformer3DModel, got {kwargs['timestep'].ndim}-D"
-        )
-
-
-def _wan_shard_patches(output: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
-    """Conv patch embedding [B, C, F, H, W] -> this rank's tokens shaped [B, C, 1, 1, S_local], so the forward's own
-    `.flatten(2).transpose(1, 2)` yields the [B, S_local, C] shard."""
-    tokens = output.flatten(2)
-    local = runtime.shard(tokens, dim=2)
-    return local.view(*local.shape[:2], 1, 1, local.shape[2])
-
-
-def _wan_shard_control_patches(output: torch.Tensor, runtime: _Runtime) -> torch.Tensor:
-    """VACE control tokens are zero-padded to the video token count by the forward; do that before sharding them
-    with the same split as the video tokens (the forward's own padding then adds nothing)."""
-    tokens = output.flatten(2)
-    num_tokens = runtime.current().num_tokens
-    if tokens.shape[2] > num_tokens:
-        raise ValueError(
-            f"control_hidden_states has {tokens.shape[2]} tokens after patch embedding, more than the {num_tokens} "
-            "video tokens"
-        )
-    if tokens.shape[2] < num_tokens:
-        tokens = torch.cat([tokens, tokens.new_zeros(*tokens.shape[:2], num_tokens - tokens.shape[2])], dim=2)
-    local = runtime.shard(tokens, dim=2)
-    return local.view(*local.shape[:2], 1, 1, local.shape[2])
-
-
-def _wan_shard_rope(output: tuple[torch.Tensor, torch.Tensor], runtime: _Runtime) -> tuple[torch.Tensor, ...]:
-    return tuple(runtime.shard(freqs, dim=1) for freqs in output)  # cos, sin: [1, S, 1, D]
-
-
-_WAN_OUTPUT_HOOKS: dict[str, OutputHook] = {
-    "rope": _wan_shard_rope,
-    "patch_embedding": _wan_shard_patches,
-    "proj_out": _gather_dim(1),
-}
-
-
-@cache
-def _adapters() -> dict[type, SequenceParallelAdapter]:
-    from diffusers import LTX2VideoTransformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
-
-    return {
-        LTX2VideoTransformer3DModel: SequenceParallelAdapter(
-            attention_roles={
-                r"transformer_blocks\.\d+\.attn1": AttentionRole.ULYSSES,
-                r"transformer_blocks\.\d+\.video_to_audio_attn": AttentionRole.SHARDED_KV,
-            },
-            num_tokens=_ltx2_num_tokens,
-            shard_inputs=_ltx2_shard_inputs,
-            output_hooks={"proj_out": _gather_dim(1)},
-        ),
-        WanTransformer3DModel: SequenceParallelAdapter(
-            attention_roles={r"blocks\.\d+\.attn1": AttentionRole.ULYSSES},
-            num_tokens=_wan_num_tokens,
-            shard_inputs=_wan_shard_inputs,
-            output_hooks=_WAN_OUTPUT_HOOKS,
-        ),
-        # VACE blocks build the "hints" added to the main stream per token: same split as the video tokens.
-        WanVACETransformer3DModel: SequenceParallelAdapter(
-            attention_roles={r"(vace_)?blocks\.\d+\.attn1": AttentionRole.ULYSSES},
-            num_tokens=_wan_num_tokens,
-            shard_inputs=_wan_vace_shard_inputs,
-            output_hooks={**_WAN_OUTPUT_HOOKS, "vace_patch_embedding": _wan_shard_control_patches},
-        ),
-    }
-
-
 def supported_transformers() -> list[str]:
-    """Class names of the transformers `enable_sequence_parallel` can split."""
-    return sorted(cls.__name__ for cls in _adapters())
+    """Class names of the transformers `enable_sequence_parallel` can split (those with a registered adapter)."""
+    return sequence_parallel_models()
 
 
 def _adapter_for(transformer: nn.Module) -> SequenceParallelAdapter:
-    table = _adapters()
-    for cls in type(transformer).__mro__:
-        if cls in table:
-            return table[cls]
-    raise TypeError(
-        f"transformer: sequence parallelism has no adapter for {type(transformer).__name__}; "
-        f"supported: {supported_transformers()}"
-    )
+    adapter = sequence_parallel_adapter(transformer)
+    if adapter is None:
+        raise TypeError(
+            f"transformer: sequence parallelism has no adapter for {type(transformer).__name__}; "
+            f"supported: {supported_transformers()}"
+        )
+    return adapter
 
 
 # -- public API -------------------------------------------------------------------------------------------------
@@ -428,7 +309,7 @@ class SequenceParallelHandle:
     """What `enable_sequence_parallel` installed on one transformer. `comm` counts the bytes this rank sends;
     `disable()` (or leaving a `with` block) removes every hook and restores the original processors."""
 
-    def __init__(self, transformer: nn.Module, runtime: _Runtime):
+    def __init__(self, transformer: nn.Module, runtime: SequenceParallelRuntime):
         self.transformer = transformer
         self._runtime = runtime
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -498,7 +379,8 @@ def enable_sequence_parallel(transformer: nn.Module, group: ProcessGroup | None 
     if getattr(transformer, _HANDLE_ATTR, None) is not None:
         raise RuntimeError(f"sequence parallelism is already enabled on this {type(transformer).__name__}")
 
-    runtime = _Runtime(group, dist.get_world_size(group=group), dist.get_rank(group=group), CommCounter())
+    world_size, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    runtime = SequenceParallelRuntime(group, world_size, rank, CommCounter())
     handle = SequenceParallelHandle(transformer, runtime)
 
     patterns = {re.compile(pattern): role for pattern, role in adapter.attention_roles.items()}
@@ -509,7 +391,9 @@ def enable_sequence_parallel(transformer: nn.Module, group: ProcessGroup | None 
                 assigned[name] = (module, role)
     ulysses = {name: module for name, (module, role) in assigned.items() if role is AttentionRole.ULYSSES}
     if not ulysses:
-        raise TypeError(f"transformer: no self-attention of {type(transformer).__name__} matched the adapter table")
+        raise TypeError(
+            f"transformer: no self-attention of {type(transformer).__name__} matched its adapter's attention_roles"
+        )
     for name, module in ulysses.items():
         if module.heads % runtime.world_size:
             raise ValueError(

@@ -1,8 +1,13 @@
-"""Read a source video for editing, and write the edited frames back with the source's audio, untouched.
+"""Video files in and out, with PyAV: `probe` (what a file holds, decoding one frame), `read_video` (every frame),
+`mux_mp4` (generated frames + audio -> H.264 yuv420p + AAC MP4) and `remux_with_source_audio` (edited frames +
+the source's audio packets, copied). All four describe the file with one `MediaInfo`.
 
-An edit repaints pixels only, so the output keeps the source's frame count, frame rate and size, and its audio
+An edit repaints pixels only, so its output keeps the source's frame count, frame rate and size, and its audio
 stream is stream-copied (the compressed packets, byte for byte, no decode/re-encode generation loss). Anything
-that cannot be read as a video raises `MediaError`, a `ValueError` the API maps to a 4xx.
+that cannot be read or written as a video raises `MediaError`, a `ValueError` the API maps to a 4xx.
+
+torch is imported only inside `read_video` (its frames are a tensor): the HTTP ingress probes uploads with this
+module and never loads torch.
 """
 
 from __future__ import annotations
@@ -13,19 +18,18 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import av
 import numpy as np
-import torch
 
-from imagine.pipeline.mux import X264_PRESETS, MuxInfo, add_h264_stream, check_rgb_frames, encode_frames
+if TYPE_CHECKING:
+    import torch
 
-# x264 CRF for edited videos: high enough quality that the re-encoded source pixels outside the mask lose well under
-# 1 dB PSNR against a plain re-encode (see tests/test_edit_stage.py). Measured on its scene over 3 seeds: a gap of
-# 0.6-1.0 dB at CRF 12 (the macroblocks that straddle the mask edge share the repainted pixels' quantization and
-# deblocking), 0.4-0.6 dB at CRF 8; so 8, at a larger file.
-EDIT_CRF = 8
+    from imagine.pipeline.types import DecodedMedia
+
+AUDIO_CHUNK = 1024  # samples per AAC frame
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
 class MediaError(ValueError):
@@ -37,59 +41,83 @@ class MediaTooLargeError(MediaError):
 
 
 @dataclass(frozen=True)
-class AudioStreamInfo:
-    """The source's first audio stream, as it will be copied into the edited MP4."""
+class MediaInfo:
+    """A video file's streams: as `probe` / `read_video` found them, or as `mux_mp4` / `remux_with_source_audio`
+    wrote them. Only the first video and the first audio stream count."""
 
-    codec: str
-    sample_rate: int
-    channels: int
-    duration_s: float | None
-    mp4_copyable: bool
-    """Whether the MP4 muxer accepts this codec as is; if not, `remux_with_source_audio` refuses the source."""
-
-
-@dataclass
-class SourceVideo:
-    """A decoded source video plus what is needed to copy its audio into an edited version."""
-
-    frames: torch.Tensor
-    """uint8 (F, H, W, 3), RGB."""
+    width: int
+    height: int
     frame_rate: Fraction
-    """Exact average frame rate from the container (e.g. 30000/1001); `fps` is its float value."""
-    audio: AudioStreamInfo | None
-    source: bytes | Path
-    """The encoded source itself (bytes) or its path: its audio packets are re-read from here when remuxing."""
+    """Exact average frame rate (e.g. 30000/1001); `fps` is its float value."""
+    num_frames: int
+    """Frames of the video stream (`probe` counts its packets, the readers and writers their frames)."""
+    video_codec: str
+    """FFmpeg codec name, e.g. 'h264'."""
+    pix_fmt: str | None
+    audio_codec: str | None
+    """FFmpeg codec name of the first audio stream, e.g. 'aac'; None without audio."""
+    sample_rate: int | None
+    audio_channels: int | None
+    audio_duration_s: float | None
+    """0.0 without audio; None when the audio stream does not record its duration."""
+    bytes: int
+    """Size of the whole file."""
 
     @property
     def fps(self) -> float:
         return float(self.frame_rate)
 
     @property
-    def num_frames(self) -> int:
-        return int(self.frames.shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.frames.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.frames.shape[2])
-
-    @property
     def duration_s(self) -> float:
+        """The video's duration: `num_frames` at `frame_rate` (sources are treated as constant-frame-rate)."""
         return self.num_frames / self.fps
 
     @property
     def has_audio(self) -> bool:
-        return self.audio is not None
+        return self.audio_codec is not None
 
 
-@dataclass(frozen=True)
-class RemuxInfo(MuxInfo):
-    """What `remux_with_source_audio` wrote; `has_audio`: the source had audio and its packets were copied."""
+@dataclass
+class SourceVideo:
+    """A decoded source video plus what is needed to copy its audio into an edited version. The properties are
+    its `info`'s."""
 
-    has_audio: bool = False
+    frames: torch.Tensor
+    """uint8 (F, H, W, 3), RGB."""
+    info: MediaInfo
+    source: bytes | Path
+    """The encoded source itself (bytes) or its path: its audio packets are re-read from here when remuxing."""
+
+    @property
+    def frame_rate(self) -> Fraction:
+        return self.info.frame_rate
+
+    @property
+    def fps(self) -> float:
+        return self.info.fps
+
+    @property
+    def num_frames(self) -> int:
+        return self.info.num_frames
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def duration_s(self) -> float:
+        return self.info.duration_s
+
+    @property
+    def has_audio(self) -> bool:
+        return self.info.has_audio
+
+
+# -- reading --------------------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -107,69 +135,244 @@ def mp4_accepts(codec: str) -> bool:
     return codec in _mp4_codecs()
 
 
-def _open_input(src: bytes | Path, param: str) -> av.container.InputContainer:
+def _encoded_source(src: str | os.PathLike | bytes) -> bytes | Path:
+    """`src` as the bytes or the path of an existing, non-empty input."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if not data:
+            raise MediaError("empty data is not a video")
+        return data
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise MediaError(f"{str(path)!r} is not a file")
+        return path
+    raise TypeError(f"src must be a path or bytes, got {type(src).__name__}")
+
+
+def _size(source: bytes | Path) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _open_input(source: bytes | Path, what: str = "") -> av.container.InputContainer:
     try:
-        return av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src), mode="r")
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
     except av.error.FFmpegError as e:
-        raise MediaError(f"{param}: not a readable video container ({e})") from e
+        raise MediaError(f"{what}not a readable video container ({e})") from e
 
 
-def _frame_rate(stream: av.VideoStream) -> Fraction:
+def _video_stream(container: av.container.InputContainer) -> tuple[av.VideoStream, Fraction]:
+    """The first video stream and its exact average frame rate."""
+    if not container.streams.video:
+        raise MediaError("the file has no video stream")
+    stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate
     if not rate or rate <= 0:
-        raise MediaError("src: the video stream has no frame rate")
-    return Fraction(rate.numerator, rate.denominator)
+        raise MediaError("the video stream has no frame rate")
+    return stream, Fraction(rate.numerator, rate.denominator)
+
+
+def _audio_fields(stream: av.AudioStream | None) -> dict[str, Any]:
+    """`MediaInfo`'s audio fields for an input's first audio stream (or None: no audio)."""
+    if stream is None:
+        return {"audio_codec": None, "sample_rate": None, "audio_channels": None, "audio_duration_s": 0.0}
+    ctx = stream.codec_context
+    return {
+        "audio_codec": ctx.name,
+        "sample_rate": int(ctx.sample_rate),
+        "audio_channels": int(ctx.channels),
+        "audio_duration_s": float(stream.duration * stream.time_base) if stream.duration else None,
+    }
+
+
+def _describe(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    width: int,
+    height: int,
+    frame_rate: Fraction,
+    num_frames: int,
+    size: int,
+) -> MediaInfo:
+    return MediaInfo(
+        width=int(width),
+        height=int(height),
+        frame_rate=frame_rate,
+        num_frames=num_frames,
+        video_codec=stream.codec_context.name,
+        pix_fmt=stream.codec_context.pix_fmt,
+        bytes=size,
+        **_audio_fields(container.streams.audio[0] if container.streams.audio else None),
+    )
+
+
+def probe(src: str | os.PathLike | bytes) -> MediaInfo:
+    """Describe the video in `src` (a path or the file's bytes) without decoding it: the first frame is decoded
+    (so the stream is known to decode, at its true size) and the video packets are counted as frames.
+
+    Raises `MediaError` for data FFmpeg cannot open, without a video stream, frame rate or decodable first frame.
+    """
+    source = _encoded_source(src)
+    with _open_input(source) as container:
+        stream, frame_rate = _video_stream(container)
+        try:
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise MediaError("the video stream has no decodable frame")
+            container.seek(0)
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"the video stream cannot be decoded ({e})") from e
+        return _describe(container, stream, first.width, first.height, frame_rate, num_frames, _size(source))
 
 
 def read_video(src: str | os.PathLike | bytes, max_frames: int | None = None) -> SourceVideo:
-    """Decode every frame of `src` (a path or the file's bytes) to RGB and describe its first audio stream.
+    """Decode every frame of `src` (a path or the file's bytes) to RGB, as a uint8 (F, H, W, 3) torch tensor.
 
     Raises `MediaError` for data FFmpeg cannot open or decode, or without a video stream or any decodable frame,
     and `MediaTooLargeError` past `max_frames` (checked while decoding, so a huge upload is not fully decoded).
     Rotation metadata is not applied and variable-frame-rate sources are treated as constant at their average rate.
     """
+    import torch
+
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        source: bytes | Path = bytes(src)
-        if not source:
-            raise MediaError("src: empty data is not a video")
-    elif isinstance(src, (str, os.PathLike)):
-        source = Path(src)
-        if not source.is_file():
-            raise MediaError(f"src: {str(source)!r} is not a file")
-    else:
-        raise TypeError(f"src must be a path or bytes, got {type(src).__name__}")
-
+    source = _encoded_source(src)
     frames: list[np.ndarray] = []
-    with _open_input(source, "src") as container:
-        if not container.streams.video:
-            raise MediaError("src: the file has no video stream")
-        stream = container.streams.video[0]
-        frame_rate = _frame_rate(stream)
-        audio = None
-        if container.streams.audio:
-            audio_stream = container.streams.audio[0]
-            ctx = audio_stream.codec_context
-            audio = AudioStreamInfo(
-                codec=ctx.name,
-                sample_rate=int(ctx.sample_rate),
-                channels=int(ctx.channels),
-                duration_s=(float(audio_stream.duration * audio_stream.time_base) if audio_stream.duration else None),
-                mp4_copyable=mp4_accepts(ctx.name),
-            )
+    with _open_input(source) as container:
+        stream, frame_rate = _video_stream(container)
         width, height = stream.codec_context.width, stream.codec_context.height
         try:
             for frame in container.decode(stream):
                 if max_frames is not None and len(frames) >= max_frames:
-                    raise MediaTooLargeError(f"src: the video has more than max_frames={max_frames} frames")
+                    raise MediaTooLargeError(f"the video has more than max_frames={max_frames} frames")
                 # every frame at the stream's size, so a mid-stream size change cannot break stacking
                 frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
         except av.error.FFmpegError as e:
-            raise MediaError(f"src: the video stream cannot be decoded ({e})") from e
-    if not frames:
-        raise MediaError("src: the video stream has no decodable frame")
-    return SourceVideo(frames=torch.from_numpy(np.stack(frames)), frame_rate=frame_rate, audio=audio, source=source)
+            raise MediaError(f"the video stream cannot be decoded ({e})") from e
+        if not frames:
+            raise MediaError("the video stream has no decodable frame")
+        info = _describe(container, stream, width, height, frame_rate, len(frames), _size(source))
+    return SourceVideo(frames=torch.from_numpy(np.stack(frames)), info=info, source=source)
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+
+
+def _check_rgb_frames(frames: Any, name: str = "frames") -> np.ndarray:
+    """`frames` (a uint8 (F, H, W, 3) array or tensor) as a numpy array H.264 yuv420p can take, or a `MediaError`
+    naming `name`."""
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else frames
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
+        raise MediaError(
+            f"{name} must be uint8 (F, H, W, 3), got {getattr(array, 'dtype', type(array).__name__)} "
+            f"{tuple(getattr(array, 'shape', ()))}"
+        )
+    if array.shape[0] < 1:
+        raise MediaError(f"{name} must hold at least one frame")
+    height, width = array.shape[1:3]
+    if width % 2 or height % 2:
+        raise MediaError(f"{name}: H.264 yuv420p needs an even size, got {width}x{height}")
+    return array
+
+
+def _check_encoding(crf: int, preset: str) -> None:
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in [0, 51], got {crf}")
+    if preset not in X264_PRESETS:
+        raise ValueError(f"preset must be one of {X264_PRESETS}, got {preset!r}")
+
+
+def add_h264_stream(
+    container: av.container.OutputContainer, width: int, height: int, frame_rate: Fraction, crf: int, preset: str
+) -> av.VideoStream:
+    """Add an H.264 yuv420p stream at `frame_rate` (one frame per tick) to an output container."""
+    stream = container.add_stream("libx264", rate=frame_rate)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf), "preset": preset}
+    return stream
+
+
+def encode_frames(container: av.container.OutputContainer, stream: av.VideoStream, frames: np.ndarray) -> None:
+    """Encode uint8 (F, H, W, 3) RGB `frames` into `stream` (from `add_h264_stream`) and flush the encoder."""
+    time_base = 1 / Fraction(stream.codec_context.framerate)  # one tick per frame
+    for index in range(frames.shape[0]):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+        frame.pts = index
+        frame.time_base = time_base
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _open_output(out: str | os.PathLike | BinaryIO) -> tuple[av.container.OutputContainer, int]:
+    """An MP4 output container on a path (with faststart) or a seekable binary file object (without: faststart
+    rewrites the file by name), and the file object's start offset (0 for a path)."""
+    if hasattr(out, "write"):
+        return av.open(out, mode="w", format="mp4"), out.tell()
+    # faststart: the index first, for progressive playback
+    return av.open(str(out), mode="w", format="mp4", options={"movflags": "+faststart"}), 0
+
+
+def _written_size(out: str | os.PathLike | BinaryIO, start: int) -> int:
+    if hasattr(out, "write"):
+        out.seek(0, io.SEEK_END)
+        return out.tell() - start
+    return Path(out).stat().st_size
+
+
+def mux_mp4(
+    media: DecodedMedia, out: str | os.PathLike | BinaryIO, crf: int = 18, preset: str = "veryfast"
+) -> MediaInfo:
+    """Write `media` as an MP4 (H.264 yuv420p + AAC stereo) to a path (with faststart) or a seekable binary file
+    object (without). `preset` is x264's speed/size trade-off: `veryfast` is ~3x faster than `medium` at similar
+    quality."""
+    frames = _check_rgb_frames(media.frames, "media.frames")
+    audio = media.audio
+    if not isinstance(audio, np.ndarray) or audio.ndim != 2 or audio.shape[0] not in (1, 2):
+        raise ValueError(f"media.audio must be (channels in 1..2, samples), got {getattr(audio, 'shape', audio)}")
+    if media.sample_rate <= 0:
+        raise ValueError(f"media.sample_rate must be > 0, got {media.sample_rate}")
+    if not media.fps > 0:
+        raise ValueError(f"media.fps must be > 0, got {media.fps}")
+    _check_encoding(crf, preset)
+    num_frames, height, width = frames.shape[:3]
+    samples = np.ascontiguousarray(np.clip(audio, -1.0, 1.0).astype(np.float32))
+    if samples.shape[0] == 1:
+        samples = np.repeat(samples, 2, axis=0)
+
+    rate = Fraction(media.fps).limit_denominator(1000)
+    container, start = _open_output(out)
+    try:
+        video_stream = add_h264_stream(container, width, height, rate, crf, preset)
+        audio_stream = container.add_stream("aac", rate=media.sample_rate, layout="stereo")
+        audio_stream.format = "fltp"
+        encode_frames(container, video_stream, frames)
+
+        for offset in range(0, samples.shape[1], AUDIO_CHUNK):
+            chunk = np.ascontiguousarray(samples[:, offset : offset + AUDIO_CHUNK])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+            frame.sample_rate = media.sample_rate
+            frame.pts = offset
+            frame.time_base = Fraction(1, media.sample_rate)
+            container.mux(audio_stream.encode(frame))
+        container.mux(audio_stream.encode(None))
+    finally:
+        container.close()
+
+    return MediaInfo(
+        width=width,
+        height=height,
+        frame_rate=rate,
+        num_frames=num_frames,
+        video_codec="h264",
+        pix_fmt="yuv420p",
+        audio_codec="aac",
+        sample_rate=media.sample_rate,
+        audio_channels=2,
+        audio_duration_s=audio.shape[1] / media.sample_rate,
+        bytes=_written_size(out, start),
+    )
 
 
 def remux_with_source_audio(
@@ -177,44 +380,33 @@ def remux_with_source_audio(
     fps: float | Fraction,
     source: SourceVideo | str | os.PathLike | bytes,
     out: str | os.PathLike | BinaryIO,
-    crf: int = EDIT_CRF,
+    *,
+    crf: int,
     preset: str = "veryfast",
-) -> RemuxInfo:
+) -> MediaInfo:
     """Write `frames` (uint8 (F, H, W, 3)) as H.264 yuv420p at `fps`, plus the first audio stream of `source` (a
     `SourceVideo`, or the source file's path or bytes) copied packet for packet, without re-encoding, to an MP4 path
     (with faststart) or a seekable binary file object. A source without audio gives a video-only MP4.
 
-    Pass `source.frame_rate` as `fps` to keep an exact NTSC-style rate (a float is rounded to a denominator <= 1001).
-    Raises `MediaError` when the source's audio codec cannot be stored in an MP4 (see `AudioStreamInfo.mp4_copyable`).
+    Edits pass `EditConfig.mp4_crf` as `crf`: low (8), because the pixels outside the mask are re-encoded too and
+    must stay close to the source (see `tests/test_vace.py`). Pass `source.frame_rate` as `fps` to keep an exact
+    NTSC-style rate (a float is rounded to a denominator <= 1001). Raises `MediaError` when the source's audio codec
+    cannot be stored in an MP4 (see `mp4_accepts`).
     """
-    array = check_rgb_frames(frames, size_error=MediaError)
-    if not 0 <= crf <= 51:
-        raise ValueError(f"crf must be in [0, 51], got {crf}")
-    if preset not in X264_PRESETS:
-        raise ValueError(f"preset must be one of {X264_PRESETS}, got {preset!r}")
+    array = _check_rgb_frames(frames)
+    _check_encoding(crf, preset)
     frame_rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     if not frame_rate > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
-    if isinstance(source, SourceVideo):
-        encoded: bytes | Path = source.source
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        encoded = bytes(source)
-    elif isinstance(source, (str, os.PathLike)):
-        encoded = Path(source)
-    else:
-        raise TypeError(f"source must be a SourceVideo, a path or bytes, got {type(source).__name__}")
+    encoded = source.source if isinstance(source, SourceVideo) else _encoded_source(source)
 
-    is_file_object = hasattr(out, "write")
-    start = out.tell() if is_file_object else 0
-    # faststart (index first, for progressive playback) rewrites the file by name, so only for paths
-    options = {} if is_file_object else {"movflags": "+faststart"}
-    container = av.open(out if is_file_object else str(out), mode="w", format="mp4", options=options)
     num_frames, height, width = array.shape[:3]
+    container, start = _open_output(out)
     try:
-        with _open_input(encoded, "source") as src_container:
+        with _open_input(encoded, "source: ") as src_container:
             src_audio = src_container.streams.audio[0] if src_container.streams.audio else None
             out_audio = None
-            audio_duration_s = 0.0
+            audio = _audio_fields(src_audio)
             if src_audio is not None:
                 try:
                     out_audio = container.add_stream_from_template(src_audio)
@@ -225,8 +417,6 @@ def remux_with_source_audio(
             # every stream must exist before the first packet is written
             video_stream = add_h264_stream(container, width, height, frame_rate, crf, preset)
             if src_audio is not None:
-                if src_audio.duration:
-                    audio_duration_s = float(src_audio.duration * src_audio.time_base)
                 for packet in src_container.demux(src_audio):
                     if packet.dts is None:  # the demuxer's end-of-stream marker, not data
                         continue
@@ -236,18 +426,13 @@ def remux_with_source_audio(
     finally:
         container.close()
 
-    if is_file_object:
-        out.seek(0, io.SEEK_END)
-        size = out.tell() - start
-    else:
-        size = Path(out).stat().st_size
-    return RemuxInfo(
-        duration_s=num_frames / float(frame_rate),
+    return MediaInfo(
         width=width,
         height=height,
-        fps=float(frame_rate),
+        frame_rate=frame_rate,
         num_frames=num_frames,
-        audio_duration_s=audio_duration_s,
-        bytes=size,
-        has_audio=out_audio is not None,
+        video_codec="h264",
+        pix_fmt="yuv420p",
+        bytes=_written_size(out, start),
+        **audio,
     )

@@ -6,6 +6,7 @@ can run in its own process (a Ray Serve deployment) and a `DenoiseState` can be 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -19,6 +20,29 @@ def require_components(stage: str, components: dict[str, Any], names: list[str])
     missing = [name for name in names if components.get(name) is None]
     if missing:
         raise ValueError(f"components: {stage} needs {names}, missing {missing}")
+
+
+def tensors_to(value: Any, device: str | torch.device) -> Any:
+    """`value` with every tensor in it (at any depth of lists, tuples and dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensors_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: tensors_to(v, device) for k, v in value.items()}
+    return value
+
+
+def scheduler_copy(scheduler: Any, device: str | torch.device | None = None) -> Any:
+    """A deep copy of a diffusers scheduler mid-run, its tensors (history of model outputs, last sample, timesteps)
+    on `device` when given: multistep schedulers (UniPC) keep per-run state, so a resumable loop carries a copy."""
+    copied = copy.deepcopy(scheduler)
+    if device is not None:
+        for name, value in vars(copied).items():
+            holds_tensors = isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
+            if isinstance(value, torch.Tensor) or holds_tensors:  # not the config (a FrozenDict)
+                setattr(copied, name, tensors_to(value, device))
+    return copied
 
 
 def _tensors_to_cpu(obj: Any) -> Any:

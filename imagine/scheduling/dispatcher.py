@@ -55,7 +55,6 @@ class Dispatcher:
         max_preemptions: int = 2,
         clock: Callable[[], float] = time.time,
         paused: bool = False,
-        unpreemptible_pools: frozenset[str] = frozenset(),
     ):
         capacities = capacity if isinstance(capacity, dict) else {DEFAULT_POOL: capacity}
         for pool, n in capacities.items():
@@ -70,7 +69,6 @@ class Dispatcher:
         self.max_preemptions = max_preemptions
         self.clock = clock
         self.paused = paused
-        self.unpreemptible_pools = unpreemptible_pools  # pools whose jobs cannot checkpoint (edits)
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
         self._slots: dict[str, _Slot] = {}  # job id -> slot it holds while denoising
@@ -144,7 +142,7 @@ class Dispatcher:
             return None  # one pause at a time: the freed slot goes to the waiting job first
         full = [
             q for q in self._queue()
-            if q.pool not in self.unpreemptible_pools and self.capacities.get(q.pool, 0) > 0 and self.free(q.pool) <= 0
+            if self.capacities.get(q.pool, 0) > 0 and self.free(q.pool) <= 0
         ]
         waiting = self.policy.pick(full, self.clock())
         if waiting is None:

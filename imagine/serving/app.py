@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -13,17 +13,11 @@ from ray.serve.handle import DeploymentHandle
 from imagine.api.routes import create_api
 from imagine.api.service import JobService
 from imagine.config import AppConfig
-from imagine.jobs import JobStore
+from imagine.jobs import GenerationParams, JobStore
 from imagine.serving.autoscaling import POLICY_PATH
+from imagine.serving.samplers import served_edit_preset, served_grounding_preset, served_preset, transformer_config
 from imagine.serving.scheduler import SchedulerServer, denoiser_deployment_name
-from imagine.serving.stages import (
-    DecoderServer,
-    DenoiserServer,
-    TextEncoderServer,
-    served_edit_preset,
-    served_preset,
-    transformer_config,
-)
+from imagine.serving.stages import DecoderServer, DenoiserServer, TextEncoderServer
 from imagine.storage import open_artifact_store
 
 
@@ -31,15 +25,17 @@ class IngressServer:
     """FastAPI over `JobService`; nudges the scheduler when jobs are queued.
 
     Nudges are coalesced: at most one scheduler call per `NUDGE_INTERVAL_S` however many jobs arrive
-    (the scheduler claims everything queued on a nudge), instead of one actor call per submission."""
+    (the scheduler claims everything queued on a nudge), instead of one actor call per submission; an idle
+    ingress sleeps on an event rather than polling."""
 
     NUDGE_INTERVAL_S = 0.02
 
     def __init__(self, config: AppConfig, scheduler: DeploymentHandle):
         self.config = config
         self.scheduler = scheduler
-        self._nudge_wanted = threading.Event()
-        self._nudger = asyncio.get_running_loop().create_task(self._send_nudges())
+        self._loop = asyncio.get_running_loop()
+        self._nudge_wanted = asyncio.Event()
+        self._nudger = self._loop.create_task(self._send_nudges())
         preset = served_preset(config)
         edit_preset = served_edit_preset(config)
         self.service = JobService(
@@ -54,16 +50,16 @@ class IngressServer:
         )
 
     def _nudge(self) -> None:  # called from request threads
-        self._nudge_wanted.set()
+        self._loop.call_soon_threadsafe(self._nudge_wanted.set)
 
     async def _send_nudges(self) -> None:
         while True:
-            await asyncio.sleep(self.NUDGE_INTERVAL_S)
-            if self._nudge_wanted.is_set():
-                self._nudge_wanted.clear()
-                self.scheduler.nudge.remote()
+            await self._nudge_wanted.wait()
+            await asyncio.sleep(self.NUDGE_INTERVAL_S)  # gather the submissions of this interval into one nudge
+            self._nudge_wanted.clear()
+            self.scheduler.nudge.remote()
 
-    def __serve_build_asgi_app__(self):  # noqa: ANN204 - Serve hook returning the ASGI app
+    def __serve_build_asgi_app__(self):
         return create_api(self.service)
 
 
@@ -76,7 +72,7 @@ def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
     STRICT_PACK placement group (one node): bundle 0 for the replica, one `{GPU: 1}` bundle per rank."""
     from imagine.serving.ranks import rank_bundles
 
-    cfg = config.denoiser_pools()[pool]
+    cfg = config.sampler_pools()[pool]
     opts = cfg.serve_options()
     # scale on the job queue (exported by the replicas), not on Serve's request counts: see autoscaling.py
     opts["autoscaling_config"]["policy"] = {"policy_function": POLICY_PATH}
@@ -91,14 +87,15 @@ def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
     return opts
 
 
-def build_router(config: AppConfig) -> Callable[[dict], str] | None:
+def build_router(config: AppConfig) -> Callable[[GenerationParams], str] | None:
     """Generation params -> denoiser pool, when more than one pool is declared (see `imagine.parallel.routing`)."""
     if not config.denoiser_variants:
         return None
-    from imagine.parallel.routing import Budget, Candidate, Router, TransformerDims
+    from imagine.models.ltx2 import ltx2_transformer_dims
+    from imagine.parallel.routing import Budget, Candidate, Router
 
     r = config.routing
-    dims = TransformerDims.from_ltx2_config(transformer_config(config))
+    dims = ltx2_transformer_dims(transformer_config(config))
     router = Router(
         dims,
         [Candidate(pool, cfg.parallel.sequence, cfg.parallel.tensor) for pool, cfg in config.denoiser_pools().items()],
@@ -114,8 +111,8 @@ def build_router(config: AppConfig) -> Callable[[dict], str] | None:
         ),
     )
 
-    def route(params: dict) -> str:
-        return router.route(params["num_frames"], params["height"], params["width"], params["num_frames"] / params["fps"])
+    def route(params: GenerationParams) -> str:
+        return router.route(params.num_frames, params.height, params.width, params.num_frames / params.fps)
 
     return route
 
@@ -139,25 +136,27 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Applicati
                 f"accounting.price_per_second_usd must price edit model {edit_preset.name!r} at 480p and 720p, "
                 f"got {edit_prices!r}"
             )
+    served_grounding_preset(config)  # a bad grounding preset fails here too
     build_router(config)  # a bad routing setup fails here, not in the ingress replicas
 
     encoder = _deployment(TextEncoderServer, "TextEncoder", config.text_encoder.serve_options()).bind(config)
+    # every denoiser pool, the editor's (Wan VACE) included: the same deployment class, its preset chosen by pool
     denoisers = {
         pool: _deployment(DenoiserServer, denoiser_deployment_name(pool), denoiser_options(config, pool)).bind(config, pool)
-        for pool in config.denoiser_pools()
+        for pool in config.sampler_pools()
     }
     decoder = _deployment(DecoderServer, "Decoder", config.decoder.serve_options()).bind(config)
-    grounder = editor = None
+    grounder = edit_codec = None
     if edit_preset is not None:
-        from imagine.serving.edits import EditorServer, GrounderServer
+        from imagine.serving.edits import EditCodecServer, GrounderServer
 
         grounder = _deployment(GrounderServer, "Grounder", config.grounder.serve_options()).bind(config)
-        editor = _deployment(EditorServer, "Editor", config.editor.serve_options()).bind(config)
+        edit_codec = _deployment(EditCodecServer, "EditCodec", config.edit_codec.serve_options()).bind(config)
     scheduler_opts = config.scheduler.serve_options()
     scheduler_opts.pop("autoscaling_config")
     scheduler_opts["num_replicas"] = 1  # one dispatcher: its queue view is the store's
     scheduler = _deployment(SchedulerServer, "Scheduler", scheduler_opts).bind(
-        config, encoder, denoisers, decoder, grounder, editor
+        config, encoder, denoisers, decoder, grounder, edit_codec
     )
     ingress_cls = serve.ingress()(IngressServer)
     return _deployment(ingress_cls, "Ingress", config.ingress.serve_options()).bind(config, scheduler)

@@ -1,186 +1,178 @@
-"""Ray Serve hosts of the edit path: `GrounderServer` (instruction -> per-frame masks, with GroundingDINO + SAM2)
-and `EditorServer` (masked repaint with Wan VACE, composite onto the source, re-mux with the source's audio,
-store). Plain classes; `build_app` applies `serve.deployment`. No model math here."""
+"""Ray Serve hosts of the edit path's stages around the `editor` denoiser pool (a `DenoiserServer` whose preset is
+Wan VACE): `GrounderServer` (instruction -> per-frame masks, with GroundingDINO + SAM2, stored as a work artifact)
+and `EditCodecServer` (prompt + masked-source conditioning before sampling; VAE decode, composite onto the source
+and re-mux with the source's audio after). Plain classes; `build_app` applies `serve.deployment`. No model math."""
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imagine.config import AppConfig
-from imagine.jobs import JobRecord, StepSignal
-from imagine.models.loading import load_components, resolve_model_dir
-from imagine.serving.stages import _StageHost, served_edit_preset
-from imagine.storage import open_artifact_store
+from imagine.pipeline.masks import boxes_to_masks
+from imagine.jobs import JobRecord
+from imagine.pipeline.media import read_video, remux_with_source_audio
+from imagine.pipeline.vace import EditSpec, VaceConditioning, VaceDecoderStage, VaceEncoderStage, VaceLatents
+from imagine.serving.samplers import component_config, served_edit_preset, served_grounding_preset
+from imagine.serving.stages import StageHost, video_result
+from imagine.storage import ArtifactNotFound
+from imagine.storage.keys import grounded_masks_key
 
 logger = logging.getLogger(__name__)
 
 
-class _EditCancelled(Exception):
-    """Raised from the repaint loop's step hook when the job was cancelled (or its attempt is stale)."""
+def needs_grounding(job: JobRecord) -> bool:
+    """Whether the edit's masks come from its words (no explicit boxes or mask video)."""
+    return job.params.mask is None and job.params.mask_key is None
+
+
+def save_masks(artifacts: Any, key: str, masks: torch.Tensor) -> None:
+    """(F, H, W) bool masks as a bit-packed .npz work artifact (a 25 x 480 x 480 clip: ~0.7 MB before zlib)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, shape=np.array(masks.shape), bits=np.packbits(masks.cpu().numpy().astype(bool)))
+    artifacts.put_bytes(key, buf.getvalue())
+
+
+def load_masks(artifacts: Any, key: str) -> torch.Tensor:
+    with np.load(io.BytesIO(artifacts.read_bytes(key))) as data:
+        shape = tuple(int(n) for n in data["shape"])
+        bits = np.unpackbits(data["bits"], count=int(np.prod(shape)))
+    return torch.from_numpy(bits.reshape(shape).astype(bool))
 
 
 def _read_source(artifacts: Any, key: str, tmp: Path) -> Any:
-    from imagine.pipeline.media import read_video
-
     path = tmp / "source.mp4"
     path.write_bytes(artifacts.read_bytes(key))
-    return read_video(path), path
+    return read_video(path)
 
 
-def explicit_masks(job: JobRecord, artifacts: Any, tmp: Path, shape: tuple[int, int, int]) -> torch.Tensor | None:
-    """The request's own mask as (F, H, W) bool for a source of decoded `shape` (F, H, W): boxes for every frame,
-    per-frame boxes, or a mask video."""
-    from imagine.pipeline.grounding import boxes_to_masks
-    from imagine.pipeline.media import read_video
-
-    p = job.params
+def job_masks(job: JobRecord, artifacts: Any, tmp: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An edit's masks as (F, H, W) bool for a source of decoded `shape` (F, H, W): the request's boxes (for every
+    frame, or per frame), its mask video, or the grounder's masks (a work artifact of this job)."""
+    params = job.params
     f, h, w = shape
-    mask = p.get("mask") or {}
-    if "boxes" in mask:
-        return boxes_to_masks(mask["boxes"], f, h, w)
-    if "frames" in mask:
-        per_frame = [mask["frames"].get(str(i), []) for i in range(f)]
-        return boxes_to_masks(per_frame, f, h, w)
-    if p.get("mask_key"):
+    if params.mask is not None and params.mask.boxes is not None:
+        return boxes_to_masks(params.mask.boxes, f, h, w)
+    if params.mask is not None and params.mask.frames is not None:
+        return boxes_to_masks([params.mask.frames.get(i, []) for i in range(f)], f, h, w)
+    if params.mask_key is not None:
         path = tmp / "mask.mp4"
-        path.write_bytes(artifacts.read_bytes(p["mask_key"]))
-        video = read_video(path)
-        return video.frames.float().mean(dim=-1) > 127.5
-    return None
+        path.write_bytes(artifacts.read_bytes(params.mask_key))
+        return read_video(path).frames.float().mean(dim=-1) > 127.5
+    masks = load_masks(artifacts, grounded_masks_key(job.id))
+    if tuple(masks.shape) != shape:
+        raise RuntimeError(f"job {job.id}'s grounded masks are {tuple(masks.shape)}, its source is {shape}")
+    return masks
 
 
-class GrounderServer(_StageHost):
+def has_grounded_masks(artifacts: Any, job: JobRecord) -> bool:
+    try:
+        artifacts.size(grounded_masks_key(job.id))
+    except ArtifactNotFound:
+        return False
+    return True
+
+
+class GrounderServer(StageHost):
     """Instruction -> masks: the target found on key frames by the detector, propagated by SAM2 video; for
-    "add", the place phrase's region. Returns (masks (F, H, W) bool, seconds)."""
+    "add", the place phrase's region. The masks are stored as a work artifact of the job (read by the codec
+    before and after sampling, and kept across a preemption), not passed around."""
 
     def __init__(self, config: AppConfig):
-        self.components = []  # grounding models load below from their own source, not the generation preset
         super().__init__(config)
-        self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
-        self.grounding = self._torch_thread.submit(self._load_grounding).result()
+        self.grounding = self.on_torch_thread(self._load_grounding)
 
     def _load_grounding(self) -> Any:
-        from imagine.models.tiny_grounding import ensure_tiny_grounding
-        from imagine.pipeline.grounding import GroundingStage, load_grounding_components
+        from imagine.editing.grounding import load_grounding_stage
 
-        source = self.config.edit.grounding_source
-        builtin = source == "builtin:tiny-grounding"
-        model_dir = ensure_tiny_grounding(self.config.home) if builtin else Path(source).expanduser()
-        components = load_grounding_components(model_dir, self.device, self.dtype)
-        # random-init detectors score nothing above a threshold: the builtin tiny models take their best box, so
-        # the word path runs end to end on the embedded default (its masks are as meaningless as its video)
-        return GroundingStage(components, self.device, self.dtype, top1_fallback=builtin)
+        preset = served_grounding_preset(self.config)
+        if preset is None:
+            raise ValueError("GrounderServer needs edits enabled (edit.enabled)")
+        return load_grounding_stage(
+            preset, self.config.home, self.device, self.dtype, s3_endpoint_url=self.config.model.s3_endpoint_url
+        )
 
-    async def ground(self, job: JobRecord) -> dict[str, Any]:
-        """{"masks": (F, H, W) bool on the CPU, "seconds": wall time}; the scheduler hands the response to the
-        editor unawaited, so the masks travel grounder -> editor only."""
+    async def ground(self, job: JobRecord) -> float:
+        """Ground `job`'s instruction, store its masks; returns the seconds it took."""
         return await self.run_on_torch_thread(self._ground, job)
 
-    def _ground(self, job: JobRecord) -> dict[str, Any]:
+    def _ground(self, job: JobRecord) -> float:
         started = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(prefix="imagine-ground-") as tmp:
-                source, _ = _read_source(self.artifacts, job.params["source_key"], Path(tmp))
-            # the ingress parsed the same text already (422 otherwise); parsing again is cheap and exact
-            # no dilation here: the editor grows every mask (grounded or explicit) by `edit.dilate_px` itself
-            masks, info = self.grounding.masks_for(job.params["prompt"], source.frames, dilate_px=0)
+                source = _read_source(self.artifacts, job.params.source_key, Path(tmp))
+            # no dilation here: the codec grows every mask (grounded or explicit) by `edit.dilate_px` itself
+            masks, info = self.grounding.masks_for(job.params.prompt, source.frames, dilate_px=0)
+            save_masks(self.artifacts, grounded_masks_key(job.id), masks.bool())
         finally:
             elapsed = time.perf_counter() - started
             self.meter(job, "grounder", elapsed)  # a failed attempt used the device too
-        logger.info("job %s grounded %r in %.2fs: %s", job.id, job.params["instruction"].get("target"), elapsed,
+        logger.info("job %s grounded %r in %.2fs: %s", job.id, job.params.instruction.target, elapsed,
                     {k: v for k, v in info.items() if k in ("source", "phrase", "coverage")})
-        return {"masks": masks.bool().cpu(), "seconds": elapsed}
+        return elapsed
 
 
-class EditorServer(_StageHost):
-    """Masked video diffusion (Wan VACE) over the source, composited so unmasked pixels are the source's, muxed
-    with the source's audio packets (copied, not re-encoded) and stored. Cancellation is checked every step."""
+class EditCodecServer(StageHost):
+    """The edit pool's encode and decode stages in one replica (they share the VAE): `encode` conditions a
+    repaint on the prompt and the masked source; `decode` turns the sampled latents into frames composited over
+    the source, muxes them with the source's audio packets (copied, not re-encoded) and stores the MP4."""
 
     def __init__(self, config: AppConfig):
-        self.components = []
-        super().__init__(config)
-        self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
-        self.stage = self._torch_thread.submit(self._load_inpaint).result()
-
-    def _load_inpaint(self) -> Any:
-        from imagine.pipeline.edit import InpaintStage
-
-        preset = served_edit_preset(self.config)
-        model_dir = resolve_model_dir(preset, self.config.home, endpoint_url=self.config.model.s3_endpoint_url)
-        loaded = load_components(model_dir, InpaintStage.components, self.device, self.dtype)
-        cfg = self.config.edit
-        return InpaintStage(
-            loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=cfg.feather_px,
-            max_pixels=cfg.max_work_pixels,
+        preset = served_edit_preset(config)
+        if preset is None:
+            raise ValueError("EditCodecServer needs edits enabled (edit.enabled)")
+        components = sorted(set(VaceEncoderStage.components) | set(VaceDecoderStage.components))
+        super().__init__(config, preset, components)
+        cfg = config.edit
+        patch_size = component_config(config, preset, "transformer")["patch_size"]
+        self.encoder = VaceEncoderStage(
+            self.loaded, patch_size, self.device, self.dtype, dilation_px=cfg.dilate_px, max_pixels=cfg.max_work_pixels
+        )
+        self.decoder = VaceDecoderStage(
+            self.loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=cfg.feather_px
         )
 
-    async def edit(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str) -> dict[str, Any]:
-        """Repaint `grounded["masks"]` (the grounder's answer), or the request's explicit mask when None."""
-        return await self.run_on_torch_thread(self._edit, job, grounded, artifact_key)
+    async def encode(self, job: JobRecord, spec: EditSpec) -> VaceConditioning:
+        return await self.run_on_torch_thread(self._encode, job, spec)
 
-    def _edit(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str) -> dict[str, Any]:
+    def _encode(self, job: JobRecord, spec: EditSpec) -> VaceConditioning:
         started = time.perf_counter()
         try:
-            return self._repaint(job, grounded, artifact_key, started)
+            with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
+                tmp = Path(tmp_dir)
+                source = _read_source(self.artifacts, job.params.source_key, tmp)
+                masks = job_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+            # on the CPU: a parallel editor replica holds no GPU itself (its ranks do)
+            return self.encoder(source.frames, masks, spec).to_cpu()
         finally:
-            self.meter(job, "editor", time.perf_counter() - started)  # done, cancelled or failed: metered once
+            self.meter(job, "edit_encoder", time.perf_counter() - started)
 
-    def _repaint(self, job: JobRecord, grounded: dict[str, Any] | None, artifact_key: str, started: float) -> dict[str, Any]:
-        from imagine.pipeline.edit import edit_prompt
-        from imagine.pipeline.media import remux_with_source_audio
+    async def decode(self, job: JobRecord, sampled: VaceLatents, artifact_key: str) -> dict[str, Any]:
+        return await self.run_on_torch_thread(self._decode, job, sampled, artifact_key)
 
-        p = job.params
-        with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
-            tmp = Path(tmp_dir)
-            source, source_path = _read_source(self.artifacts, p["source_key"], tmp)
-            decoded = time.perf_counter()
-            if grounded is None:
-                masks = explicit_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
-            else:
-                masks = grounded["masks"]
-            text = edit_prompt(p["instruction"], p["prompt"], p.get("negative_prompt") or "")
-
-            def step_hook(done: int, steps: int) -> None:
-                signal = self.store.report_progress(job.id, job.attempt, 0.95 * done / steps)
-                if signal == StepSignal.CANCEL:
-                    raise _EditCancelled()
-
-            if self.store.report_progress(job.id, job.attempt, 0.0) == StepSignal.CANCEL:
-                return {"status": "cancelled"}
-            try:
-                frames = self.stage(
-                    source.frames, masks, text.prompt, text.negative_prompt, p["seed"], p["num_inference_steps"],
-                    p["guidance_scale"], step_hook=step_hook,
+    def _decode(self, job: JobRecord, sampled: VaceLatents, artifact_key: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
+                tmp = Path(tmp_dir)
+                source = _read_source(self.artifacts, job.params.source_key, tmp)
+                masks = job_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+                frames = self.decoder(sampled, source.frames, masks)
+                decoded = time.perf_counter()
+                out = tmp / "edited.mp4"
+                info = remux_with_source_audio(
+                    frames, source.frame_rate, source.source, out, crf=self.config.edit.mp4_crf,
+                    preset=self.config.mp4_preset,
                 )
-            except _EditCancelled:
-                return {"status": "cancelled"}
-            inpainted = time.perf_counter()
-            out = tmp / "edited.mp4"
-            info = remux_with_source_audio(
-                frames, source.frame_rate, source_path, out, crf=self.config.edit.mp4_crf, preset=self.config.mp4_preset
-            )
-            size = self.artifacts.put_file(artifact_key, out)
-        return {
-            "status": "done",
-            "stage_seconds": {
-                "grounding": grounded["seconds"] if grounded is not None else 0.0,
-                "decode_source": decoded - started,
-                "inpaint": inpainted - decoded,
-                "mux_store": time.perf_counter() - inpainted,
-            },
-            "artifact_key": artifact_key,
-            "bytes": size,
-            "duration_s": info.duration_s,
-            "width": info.width,
-            "height": info.height,
-            "fps": info.fps,
-            "num_frames": info.num_frames,
-            "has_audio": info.has_audio,
-            "mask_fraction": float(masks.float().mean()),
-        }
+                size = self.artifacts.put_file(artifact_key, out)
+        finally:
+            self.meter(job, "edit_decoder", time.perf_counter() - started)
+        stage_seconds = {"decode": decoded - started, "mux_store": time.perf_counter() - decoded}
+        return video_result(artifact_key, size, info, stage_seconds, mask_fraction=float(masks.float().mean()))

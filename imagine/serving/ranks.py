@@ -483,3 +483,33 @@ def _describe(error: RayError) -> str:
     if isinstance(error, (ActorDiedError, ActorUnavailableError)):
         return f"process died ({type(error).__name__})"
     return f"{type(error).__name__}: {error}"
+
+
+class RankedLoop:
+    """The `imagine.serving.runner.Loop` of a parallel replica: every call runs on all ranks of a `RankGroup` (the
+    loop state stays on them); rank 0's answer is returned. A dead or failed rank raises `RankFailure`; the group
+    is rebuilt at the next `begin`."""
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+        self.failed_restarts = 0  # in a row; the replica reports itself unhealthy past a limit
+
+    def begin(self, request: Any, conditioning: Any, resume: Any | None) -> tuple[int, int]:
+        if not self.group.healthy:
+            logger.warning("rank group is broken; restarting it")
+            try:
+                self.group.restart()
+            except Exception:
+                self.failed_restarts += 1
+                raise
+            self.failed_restarts = 0
+        return self.group.call("begin", request, conditioning, resume)
+
+    def step(self) -> int:
+        return self.group.call("step")
+
+    def snapshot(self) -> Any:
+        return self.group.call("snapshot")
+
+    def finish(self) -> Any:
+        return self.group.call("finish")

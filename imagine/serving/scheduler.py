@@ -1,23 +1,31 @@
-"""The scheduler deployment (one replica): hosts the `Dispatcher` and runs each claimed job through
-encoder -> denoiser -> decoder handles. Its state is the job store, so a restart just re-queues."""
+"""The scheduler deployment (one replica): hosts the `Dispatcher` and runs each claimed job through its stages:
+generation: text encoder -> a denoiser pool -> decoder; edit: (grounder) -> edit codec -> the `editor` denoiser
+pool -> edit codec. Every job kind samples through the same pool protocol (`DenoiserServer.denoise`), so
+cancel, preemption and retry work the same for all. Its state is the job store, so a restart just re-queues."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from PIL import Image
 
-from imagine.api.service import output_video_key
-from imagine.config import AppConfig
+from imagine.config import EDIT_POOL, AppConfig
+from imagine.editing.prompts import edit_prompt
 from imagine.jobs import JobRecord, JobStore
 from imagine.jobs.ledger import Ledger
 from imagine.pipeline.types import GenerationSpec, prepare_image
+from imagine.pipeline.vace import EditSpec
 from imagine.scheduling.dispatcher import Dispatcher
 from imagine.scheduling.policy import FairSharePolicy
+from imagine.serving.edits import has_grounded_masks, needs_grounding
+from imagine.serving.ranks import RankFailure
+from imagine.serving.runner import SampleOutcome
 from imagine.storage import ArtifactStore, open_artifact_store
+from imagine.storage.keys import grounded_masks_key, output_video_key
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +34,28 @@ def spec_from_job(job: JobRecord, artifacts: ArtifactStore) -> GenerationSpec:
     """The stage input for a stored generation job (loads its first-frame image, if any)."""
     p = job.params
     image = None
-    if p.get("image_key"):
-        with Image.open(io.BytesIO(artifacts.read_bytes(p["image_key"]))) as img:
-            image = prepare_image(img.convert("RGB"), p["width"], p["height"])
+    if p.image_key is not None:
+        with Image.open(io.BytesIO(artifacts.read_bytes(p.image_key))) as img:
+            image = prepare_image(img.convert("RGB"), p.width, p.height)
     return GenerationSpec(
-        prompt=p["prompt"],
-        negative_prompt=p["negative_prompt"],
-        width=p["width"],
-        height=p["height"],
-        num_frames=p["num_frames"],
-        fps=p["fps"],
-        num_inference_steps=p["num_inference_steps"],
-        guidance_scale=p["guidance_scale"],
-        seed=p["seed"],
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        width=p.width,
+        height=p.height,
+        num_frames=p.num_frames,
+        fps=p.fps,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        seed=p.seed,
         image=image,
     )
+
+
+def edit_spec_from_job(job: JobRecord) -> EditSpec:
+    """The stage input for a stored edit job: the repaint prompts derived from its instruction."""
+    p = job.params
+    text = edit_prompt(p.instruction, p.prompt, p.negative_prompt)
+    return EditSpec(text.prompt, text.negative_prompt, p.seed, p.num_inference_steps, p.guidance_scale)
 
 
 def _error(code: str, exc: BaseException) -> dict[str, str]:
@@ -48,8 +63,9 @@ def _error(code: str, exc: BaseException) -> dict[str, str]:
     return {"type": "server_error", "code": code, "message": f"{type(cause).__name__}: {cause}"[:1000]}
 
 
-def _caused_by(exc: BaseException, name: str) -> bool:
-    """Whether `exc` (or the replica exception a RayTaskError wraps, or anything in its chain) is of class `name`."""
+def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc`, the replica exception a RayTaskError wraps (`.cause`), or anything in their chains is a
+    `kind`."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -57,13 +73,16 @@ def _caused_by(exc: BaseException, name: str) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if any(cls.__name__ == name for cls in type(e).__mro__):
+        if isinstance(e, kind):
             return True
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return False
 
 
 def denoiser_deployment_name(pool: str) -> str:
+    """The Serve deployment of a denoiser pool."""
+    if pool == EDIT_POOL:
+        return "Editor"
     return "Denoiser" if pool == "denoiser" else f"Denoiser-{pool}"
 
 
@@ -75,19 +94,17 @@ class SchedulerServer:
         denoisers: dict[str, Any],
         decoder: Any,
         grounder: Any = None,
-        editor: Any = None,
+        edit_codec: Any = None,
     ):
         self.config = config
         self.store = JobStore(config.resolved_database_url)
         self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
         self.encoder, self.denoisers, self.decoder = encoder, denoisers, decoder
-        self.grounder, self.editor = grounder, editor
+        self.grounder, self.edit_codec = grounder, edit_codec
         sched = config.scheduling
         # slots per pool: none until Serve reports the pool's RUNNING replicas (`_track_capacity`), so a job never
         # goes to a replica that is still starting or cannot be placed; a fixed `max_inflight_jobs` is used as is
-        self._pool_configs = {pool: cfg for pool, cfg in config.denoiser_pools().items() if pool in denoisers}
-        if editor is not None:
-            self._pool_configs["editor"] = config.editor
+        self._pool_configs = {pool: cfg for pool, cfg in config.sampler_pools().items() if pool in denoisers}
         capacity = {pool: 0 for pool in self._pool_configs}
         if config.max_inflight_jobs is not None:
             capacity["denoiser"] = config.max_inflight_jobs
@@ -100,7 +117,6 @@ class SchedulerServer:
             preemption=sched.preemption,
             max_preemptions=sched.max_preemptions_per_job,
             paused=sched.paused,
-            unpreemptible_pools=frozenset({"editor"}),
         )
         self.ledger = Ledger(self.store.engine, config.accounting)
         await asyncio.to_thread(self.dispatcher.recover)
@@ -108,9 +124,6 @@ class SchedulerServer:
         loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self.dispatcher.run_forever())
         self._capacity_task = loop.create_task(self._track_capacity())
-
-    def _deployment_name(self, pool: str) -> str:
-        return "Editor" if pool == "editor" else denoiser_deployment_name(pool)
 
     async def _track_capacity(self) -> None:
         """Slots of each pool = its RUNNING replicas x their concurrency. A replica that cannot be placed (no
@@ -126,7 +139,7 @@ class SchedulerServer:
                 for pool, cfg in self._pool_configs.items():
                     if pool in fixed or application is None:
                         continue
-                    deployment = application.deployments.get(self._deployment_name(pool))
+                    deployment = application.deployments.get(denoiser_deployment_name(pool))
                     if deployment is not None:  # absent while the app is still being deployed
                         running = deployment.replica_states.get("RUNNING", 0)
                         self.dispatcher.set_capacity(running * cfg.max_ongoing_requests, pool)
@@ -148,6 +161,8 @@ class SchedulerServer:
             raise RuntimeError(f"dispatch loop stopped: {self._loop_task.exception()!r}")
 
     async def run_job(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
+        from imagine.editing.grounding import GroundingError
+
         store = self.store
         try:
             if job.kind == "edit":
@@ -157,7 +172,7 @@ class SchedulerServer:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any stage failure fails this job, not the scheduler
-            if _caused_by(e, "RankFailure"):
+            if caused_by(e, RankFailure):
                 # a parallel replica lost a rank: the replica rebuilds its group; the job runs again (from its
                 # last checkpoint, if it has one) while it has attempts left
                 if await asyncio.to_thread(store.retry, job.id, job.attempt, self.config.scheduling.max_attempts):
@@ -166,51 +181,79 @@ class SchedulerServer:
                     return
             logger.exception("job %s failed", job.id)
             code = "edit_failed" if job.kind == "edit" else "generation_failed"
-            if _caused_by(e, "GroundingError"):
+            if caused_by(e, GroundingError):
                 code = "target_not_found"
             await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e))
 
-    async def _finish(self, job: JobRecord, result: dict[str, Any]) -> None:
+    def _pool(self, job: JobRecord) -> Any:
+        denoiser = self.denoisers.get(job.pool)
+        if denoiser is None:
+            raise RuntimeError(f"job {job.id} needs denoiser pool {job.pool!r}, which this app does not deploy")
+        return denoiser
+
+    async def _sample(
+        self,
+        job: JobRecord,
+        request: Any,
+        conditioning: Any,
+        release_slot: Callable[[], None],
+        output: Callable[[Any], Awaitable[dict[str, Any]]],
+        work_keys: tuple[str, ...] = (),
+    ) -> None:
+        """The part every job kind shares: sample on the job's pool, free the slot, then finish by outcome:
+        cancelled; preempted (re-queued with its checkpoint); or done -> `output(sampled)` -> complete + bill."""
+        outcome: SampleOutcome = await self._pool(job).denoise.remote(job, request, conditioning)
+        release_slot()  # the pool is free: the next job may start while this one decodes
+        if outcome.status == "cancelled":
+            await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt)
+            await self._discard(job.checkpoint_key, *work_keys)
+            return
+        if outcome.status == "preempted":
+            await asyncio.to_thread(self.store.requeue_preempted, job.id, job.attempt, outcome.checkpoint_key)
+            self.dispatcher.nudge()
+            return
+        result = await output(outcome.output)
+        result["stage_seconds"]["denoise"] = outcome.seconds
         if not await asyncio.to_thread(self.store.complete, job.id, job.attempt, result):
             logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
             return
         await asyncio.to_thread(self.ledger.bill, job, result["duration_s"])
-        if job.checkpoint_key:
-            await asyncio.to_thread(self.artifacts.delete, job.checkpoint_key)
+        await self._discard(job.checkpoint_key, *work_keys)
+
+    async def _discard(self, *keys: str | None) -> None:
+        for key in keys:
+            if key:
+                await asyncio.to_thread(self.artifacts.delete, key)
 
     async def _run_generation(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
-        store = self.store
-        denoiser = self.denoisers.get(job.pool)
-        if denoiser is None:
-            raise RuntimeError(f"job {job.id} needs denoiser pool {job.pool!r}, which this app does not deploy")
         spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
-        embeddings = self.encoder.encode.remote(job, spec.prompt, spec.negative_prompt, spec.guidance_scale > 1.0)
-        outcome = await denoiser.denoise.remote(job, spec, embeddings)
-        release_slot()  # the denoiser is free: the next job may start while this one decodes
-        if outcome.status == "cancelled":
-            await asyncio.to_thread(store.mark_cancelled, job.id, job.attempt)
-            return
-        if outcome.status == "preempted":
-            await asyncio.to_thread(store.requeue_preempted, job.id, job.attempt, outcome.checkpoint_key)
-            self.dispatcher.nudge()
-            return
-        result = await self.decoder.decode.remote(job, outcome.latents, output_video_key(job.id))
-        result["stage_seconds"]["denoise"] = outcome.device_seconds
-        await self._finish(job, result)
+        # not awaited: Serve resolves it in the denoiser, so the embeddings never pass through here
+        embeddings = self.encoder.encode.remote(job, spec.prompt, spec.negative_prompt, spec.do_classifier_free_guidance)
+
+        async def decode(latents: Any) -> dict[str, Any]:
+            return await self.decoder.decode.remote(job, latents, output_video_key(job.id))
+
+        await self._sample(job, spec, embeddings, release_slot, decode)
 
     async def _run_edit(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
-        """Grounding (unless the request gave a mask) -> masked repaint + composite + mux in the editor."""
-        if self.editor is None:
-            raise RuntimeError("this app does not deploy the editor")
-        grounded = None
-        if job.params.get("mask") is None and not job.params.get("mask_key"):
-            if self.grounder is None:
-                raise RuntimeError("this app does not deploy the grounder")
-            # not awaited: Serve resolves it in the editor, so the (F, H, W) masks never pass through here
-            grounded = self.grounder.ground.remote(job)
-        result = await self.editor.edit.remote(job, grounded, output_video_key(job.id))
-        release_slot()
-        if result.get("status") == "cancelled":
-            await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt)
-            return
-        await self._finish(job, result)
+        """Grounding (unless the request gave a mask, or an earlier attempt stored the masks) -> conditioning ->
+        the `editor` pool's sampler -> decode + composite + mux."""
+        if self.edit_codec is None:
+            raise RuntimeError("this app does not deploy the edit path")
+        spec = edit_spec_from_job(job)
+        grounding_s = 0.0
+        work_keys: tuple[str, ...] = ()
+        if needs_grounding(job):
+            work_keys = (grounded_masks_key(job.id),)
+            if not await asyncio.to_thread(has_grounded_masks, self.artifacts, job):  # a resumed job has them
+                if self.grounder is None:
+                    raise RuntimeError("this app does not deploy the grounder")
+                grounding_s = await self.grounder.ground.remote(job)
+        conditioning = self.edit_codec.encode.remote(job, spec)  # resolved in the editor pool's replica
+
+        async def decode(sampled: Any) -> dict[str, Any]:
+            result = await self.edit_codec.decode.remote(job, sampled, output_video_key(job.id))
+            result["stage_seconds"]["grounding"] = grounding_s
+            return result
+
+        await self._sample(job, spec, conditioning, release_slot, decode, work_keys)

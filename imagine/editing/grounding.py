@@ -5,17 +5,20 @@ Three routes, cheapest first: explicit user boxes (no models); "add" edits, whos
 (no models unless the place is relative to other objects); "remove"/"replace" edits, which run a text-conditioned
 detector (GroundingDINO) on a few key frames and track the detected boxes through the clip with SAM2's video
 model. Masks are then dilated (inpainting needs a margin around the object) and smoothed in time (a mask that
-drops out for one frame leaves a one-frame ghost). Plain Python/torch, no Ray.
+drops out for one frame leaves a one-frame ghost), with `imagine.pipeline.masks`. Plain Python/torch, no Ray.
 
-Frames are uint8 ``(F, H, W, 3)`` arrays/tensors, as decoded (`DecodedMedia.frames`); the models see them resized
-internally (the detector by its image processor, SAM2 squashed to its square input), and every box and mask is
-returned in the original frame's pixels. SAM2's own processors need torchvision, which this project cannot install,
-so its resize + ImageNet normalisation is done here and `Sam2VideoInferenceSession` is driven directly.
+The models are a `ModelPreset` of family ``grounding`` (``tiny-grounding``: random-init, built in code), resolved
+and loaded by `imagine.models.loading` like every other model: `load_grounding_stage` does both.
+
+Frames are ``(F, H, W, 3)`` arrays/tensors, uint8 as decoded (`read_video`) or float in [0, 1] (the contract of
+`imagine.pipeline.masks.check_frames`); the models see them resized internally (the detector by its image
+processor, SAM2 squashed to its square input), and every box and mask is returned in the original frame's pixels.
+SAM2's own processors need torchvision, which this project cannot install, so its resize + ImageNet normalisation
+is done here and `Sam2VideoInferenceSession` is driven directly.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,21 +30,20 @@ import torch.nn.functional as F
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from imagine.models.cache import MODEL_INDEX
-from imagine.models.tiny_grounding import DETECTOR_SUBFOLDER, SAM2_SUBFOLDER
-from imagine.pipeline.instructions import (
+from imagine.editing.instructions import (
     Box,
     EditInstruction,
     Place,
     detector_phrase,
     parse_instruction,
     place_to_region,
-    validate_box,
 )
+from imagine.models.loading import load_components, resolve_model_dir
+from imagine.models.presets import ModelPreset
+from imagine.models.tiny_grounding import GROUNDING_COMPONENTS
+from imagine.pipeline.masks import boxes_to_masks, check_box, check_frames, dilate, temporal_smooth
 from imagine.pipeline.types import require_components
 
-DETECTOR_COMPONENTS = ["detector", "detector_tokenizer", "detector_image_processor"]
-SAM2_COMPONENTS = ["sam2"]
 # Absolute places that say where in the frame a remove/replace target is, so they can pick among detections.
 # (background/foreground are depth, not frame position; relative places would need the anchors detected too.)
 _FILTERING_KINDS = frozenset(
@@ -53,47 +55,39 @@ class GroundingError(ValueError):
     """The instruction's object could not be found in the video."""
 
 
-def load_grounding_components(
-    model_dir: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
-    """Load the detector (+ tokenizer, image processor) and SAM2 video model from a grounding directory
-    (``model_index.json``, ``detector/``, ``sam2/``; see `imagine.models.tiny_grounding`) with `from_pretrained`,
-    onto `device` in `dtype`. Real checkpoints (e.g. IDEA-Research/grounding-dino-*, facebook/sam2.1-*) work when
-    saved into the same two subfolders."""
-    from transformers import AutoTokenizer, GroundingDinoForObjectDetection, Sam2VideoModel
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
-        GroundingDinoImageProcessorPil,  # the PIL backend: the default one needs torchvision
-    )
+def load_grounding_stage(
+    preset: ModelPreset,
+    home: Path | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    s3_endpoint_url: str | None = None,
+) -> GroundingStage:
+    """The `GroundingStage` of a ``grounding`` preset: its weights resolved (builtin: built once under `home`;
+    local dir; ``s3://``: downloaded once, from `s3_endpoint_url` when given) and loaded onto `device` in `dtype`
+    through `imagine.models.loading`, like every other model.
 
-    model_dir = Path(model_dir).expanduser()
-    for required in (model_dir / MODEL_INDEX, model_dir / DETECTOR_SUBFOLDER, model_dir / SAM2_SUBFOLDER):
-        if not required.exists():
-            raise ValueError(
-                f"model_dir {str(model_dir)!r} is not a grounding model directory: {required.name!r} is missing "
-                f"(expected {MODEL_INDEX}, {DETECTOR_SUBFOLDER}/ and {SAM2_SUBFOLDER}/)"
-            )
-    detector_dir = model_dir / DETECTOR_SUBFOLDER
-    detector = GroundingDinoForObjectDetection.from_pretrained(detector_dir, dtype=dtype).to(device).eval()
-    sam2 = Sam2VideoModel.from_pretrained(model_dir / SAM2_SUBFOLDER, dtype=dtype).to(device).eval()
-    return {
-        "detector": detector,
-        "detector_tokenizer": AutoTokenizer.from_pretrained(detector_dir),
-        "detector_image_processor": GroundingDinoImageProcessorPil.from_pretrained(detector_dir),
-        "sam2": sam2,
-    }
+    Builtin presets are random-init: their detector scores nothing above a threshold, so their stage keeps each key
+    frame's best box (`top1_fallback`) and the word path runs end to end (its masks are as meaningless as the tiny
+    models' video); real weights use the thresholds.
+    """
+    if preset.family != "grounding":
+        raise ValueError(f"preset {preset.name!r} is a {preset.family} model; grounding needs a grounding preset")
+    model_dir = resolve_model_dir(preset, Path(home), endpoint_url=s3_endpoint_url)
+    components = load_components(model_dir, GROUNDING_COMPONENTS, str(device), dtype)
+    return GroundingStage(components, device, dtype, top1_fallback=preset.is_builtin)
 
 
 class GroundingStage:
     """Masks for an edit instruction: detector on key frames + SAM2 video propagation, or boxes / place regions.
 
-    `components` (from `load_grounding_components`) may be None: then only the routes that need no model work
-    (explicit boxes, "add" at an absolute place). `top1_fallback` keeps each key frame's best box when nothing
-    passes the thresholds: for random-init test models, and for callers who know the object is there.
+    `components` are the detector, its tokenizer and image processor, and the SAM2 video model
+    (`GROUNDING_COMPONENTS`, as `load_grounding_stage` loads them). `top1_fallback` keeps each key frame's best box
+    when nothing passes the thresholds: for random-init models, and for callers who know the object is there.
     """
 
     def __init__(
         self,
-        components: Mapping[str, Any] | None,
+        components: Mapping[str, Any],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
@@ -103,8 +97,7 @@ class GroundingStage:
         num_key_frames: int = 3,
         max_objects: int = 4,
     ) -> None:
-        if components is not None:
-            require_components("GroundingStage", dict(components), DETECTOR_COMPONENTS + SAM2_COMPONENTS)
+        require_components("GroundingStage", dict(components), GROUNDING_COMPONENTS)
         _check_threshold("box_threshold", box_threshold)
         _check_threshold("text_threshold", text_threshold)
         for name, value in (("num_key_frames", num_key_frames), ("max_objects", max_objects)):
@@ -112,7 +105,7 @@ class GroundingStage:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-        self.components = dict(components) if components is not None else {}
+        self.components = dict(components)
         self.device = torch.device(device)
         self.dtype = dtype
         self.box_threshold = box_threshold
@@ -137,8 +130,7 @@ class GroundingStage:
         matches some word of the phrase) and its mean phrase-token probability exceeds `text_threshold` (it matches
         the phrase as a whole). Key frames default to `num_key_frames` evenly spaced frames, first and last
         included. Frames with no box map to an empty list."""
-        require_components("GroundingStage.detect", self.components, DETECTOR_COMPONENTS)
-        video = _check_frames(frames)
+        video = check_frames(frames)
         num_frames, height, width = video.shape[:3]
         if not isinstance(phrase, str) or not phrase.strip():
             raise ValueError(f"phrase must be a non-empty string, got {phrase!r}")
@@ -221,8 +213,7 @@ class GroundingStage:
         is >= 0.3 with that object's previous box (so a second key frame corrects the track instead of starting a
         duplicate). Propagation runs forward from the first prompted frame, then backward to frame 0.
         """
-        require_components("GroundingStage.propagate", self.components, SAM2_COMPONENTS)
-        video = _check_frames(frames)
+        video = check_frames(frames)
         num_frames, height, width = video.shape[:3]
         prompts = _check_boxes_by_frame(boxes_by_frame, num_frames, height, width)
         sam2 = self.components["sam2"]
@@ -290,7 +281,7 @@ class GroundingStage:
             instruction = parse_instruction(instruction)
         if not isinstance(instruction, EditInstruction):
             raise TypeError(f"instruction must be an EditInstruction or a string, got {type(instruction).__name__}")
-        video = _check_frames(frames)
+        video = check_frames(frames)
         num_frames, height, width = video.shape[:3]
         info: dict[str, Any] = {"op": instruction.op, "target": instruction.target, "timings": {}}
         started = time.perf_counter()
@@ -330,7 +321,6 @@ class GroundingStage:
         """For a relative "add" place, each anchor's best box on the earliest key frame that shows it."""
         if place is None or not place.is_relative:
             return None
-        require_components(f"GroundingStage (anchors of {place.phrase!r})", self.components, DETECTOR_COMPONENTS)
         boxes: list[Box] = []
         for anchor in place.anchors:
             phrase = self._english_phrase(anchor, "anchor")
@@ -356,7 +346,7 @@ class GroundingStage:
         return english
 
 
-# -- masks from boxes, and mask post-processing ---------------------------------------------------------------
+# -- key frames -----------------------------------------------------------------------------------------------
 
 
 def default_key_frames(num_frames: int, count: int) -> list[int]:
@@ -366,138 +356,12 @@ def default_key_frames(num_frames: int, count: int) -> list[int]:
     return sorted({round(i * (num_frames - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def boxes_to_masks(boxes: Sequence[Any], num_frames: int, height: int, width: int) -> torch.Tensor:
-    """Bool ``(num_frames, height, width)`` masks, True inside the given pixel boxes (x0, y0, x1, y1).
-
-    `boxes` is either one list of boxes used on every frame (``[(x0, y0, x1, y1), ...]``) or one list of boxes
-    per frame (``[[box, ...], [], ...]``, exactly `num_frames` lists; a frame may have none). A box covers pixel
-    columns ``floor(x0) .. ceil(x1) - 1`` and rows ``floor(y0) .. ceil(y1) - 1``; it must lie inside the frame
-    with x0 < x1 and y0 < y1, else ValueError naming it.
-    """
-    for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    per_frame = _boxes_per_frame(boxes, num_frames, height, width)
-    masks = torch.zeros((num_frames, height, width), dtype=torch.bool)
-    for frame_index, frame_boxes in enumerate(per_frame):
-        for x0, y0, x1, y1 in frame_boxes:
-            masks[frame_index, math.floor(y0) : math.ceil(y1), math.floor(x0) : math.ceil(x1)] = True
-    return masks
-
-
-def dilate(masks: torch.Tensor, radius_px: int) -> torch.Tensor:
-    """Grow each frame's mask by `radius_px` pixels in every direction (a square structuring element: a pixel
-    turns on when any pixel within Chebyshev distance `radius_px` is on). Inpainting needs this margin: object
-    edges, shadows and motion blur lie just outside a tight mask."""
-    _check_masks(masks)
-    if not isinstance(radius_px, int) or isinstance(radius_px, bool) or radius_px < 0:
-        raise ValueError(f"radius_px must be an int >= 0, got {radius_px!r}")
-    if radius_px == 0 or masks.numel() == 0:
-        return masks.clone()
-    kernel = 2 * radius_px + 1
-    out = torch.empty_like(masks)
-    for start in range(0, masks.shape[0], 16):  # bounded float memory for long, large clips
-        chunk = masks[start : start + 16, None].float()
-        chunk = F.max_pool2d(chunk, (1, kernel), stride=1, padding=(0, radius_px))  # separable: rows, then columns
-        chunk = F.max_pool2d(chunk, (kernel, 1), stride=1, padding=(radius_px, 0))
-        out[start : start + 16] = chunk[:, 0] > 0
-    return out
-
-
-def temporal_smooth(masks: torch.Tensor, window: int) -> torch.Tensor:
-    """Max over a centred window of `window` frames (odd): a pixel masked in any frame within ``window // 2``
-    frames is masked, so a mask never drops out for fewer than `window` frames and a removed object cannot flash
-    back for a frame. Errs on covering more (a mask starts/ends ``window // 2`` frames early/late)."""
-    _check_masks(masks)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be an odd int >= 1, got {window!r}")
-    out = masks.clone()
-    for shift in range(1, min(window // 2, masks.shape[0] - 1) + 1):
-        out[shift:] |= masks[:-shift]
-        out[:-shift] |= masks[shift:]
-    return out
-
-
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
 def _check_threshold(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The frames as a uint8 ``(F, H, W, 3)`` CPU tensor (no copy for a numpy array)."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(frames)
-    if not isinstance(frames, torch.Tensor):
-        raise TypeError(f"frames must be a numpy array or torch tensor, got {type(frames).__name__}")
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(
-            f"frames must be uint8 (F, H, W, 3) with F, H, W >= 1, got {frames.dtype} {tuple(frames.shape)}"
-        )
-    return frames.cpu()
-
-
-def _check_masks(masks: torch.Tensor) -> None:
-    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.ndim != 3:
-        shape = tuple(masks.shape) if hasattr(masks, "shape") else type(masks).__name__
-        raise ValueError(f"masks must be a bool (F, H, W) tensor, got {getattr(masks, 'dtype', None)} {shape}")
-
-
-def _is_box(value: Any) -> bool:
-    """Four numbers (a list/tuple, or a 1-D array/tensor of 4)."""
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.ndim == 1 and value.shape[0] == 4
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) == 4
-        and all(not isinstance(v, (Sequence, torch.Tensor, np.ndarray)) for v in value)
-    )
-
-
-def _is_box_list(value: Any) -> bool:
-    """A (possibly empty) list of boxes, i.e. one frame's entry in per-frame boxes (not a box itself)."""
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.ndim == 2
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and all(
-            isinstance(v, (torch.Tensor, np.ndarray)) or (isinstance(v, Sequence) and not isinstance(v, str))
-            for v in value
-        )
-    )
-
-
-def _validated_box(value: Any, name: str, width: int, height: int) -> Box:
-    if not _is_box(value):
-        raise ValueError(f"{name} must be a box (x0, y0, x1, y1), got {value!r}")
-    box = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else list(value)
-    validate_box(box, width, height, name)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return (x0, y0, x1, y1)
-
-
-def _boxes_per_frame(boxes: Any, num_frames: int, height: int, width: int) -> list[list[Box]]:
-    """Validate `boxes_to_masks`' `boxes` (shared list or per-frame lists) into one box list per frame."""
-    if isinstance(boxes, (torch.Tensor, np.ndarray)):
-        boxes = boxes.tolist()
-    if not isinstance(boxes, Sequence) or isinstance(boxes, str) or len(boxes) == 0:
-        raise ValueError(f"boxes must be a non-empty list of boxes, or one list of boxes per frame, got {boxes!r}")
-    per_frame = [_is_box_list(item) for item in boxes]
-    if not any(per_frame):
-        shared = [_validated_box(box, f"boxes[{i}]", width, height) for i, box in enumerate(boxes)]
-        return [shared] * num_frames
-    if all(per_frame):
-        if len(boxes) != num_frames:
-            raise ValueError(f"boxes: got {len(boxes)} per-frame box lists for {num_frames} frames")
-        return [
-            [_validated_box(box, f"boxes[{f}][{i}]", width, height) for i, box in enumerate(frame_boxes)]
-            for f, frame_boxes in enumerate(boxes)
-        ]
-    raise ValueError("boxes must be either boxes (x0, y0, x1, y1) for all frames or per-frame lists, not a mix")
 
 
 def _check_boxes_by_frame(
@@ -511,8 +375,7 @@ def _check_boxes_by_frame(
         if not isinstance(frame_index, (int, np.integer)) or not 0 <= frame_index < num_frames:
             raise ValueError(f"boxes_by_frame: {frame_index!r} is not a frame index in [0, {num_frames})")
         checked = [
-            _validated_box(box, f"boxes_by_frame[{frame_index}][{i}]", width, height)
-            for i, box in enumerate(frame_boxes)
+            check_box(box, f"boxes_by_frame[{frame_index}][{i}]", width, height) for i, box in enumerate(frame_boxes)
         ]
         if checked:
             prompts[int(frame_index)] = checked

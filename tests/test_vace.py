@@ -12,22 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from imagine.editing.prompts import EditInputError, EditPrompt, prompt_for
 from imagine.models import tiny_vace
 from imagine.models.loading import BUILTIN_BUILDERS, load_components, resolve_model_dir
 from imagine.models.presets import BUILTIN_SOURCES, ModelPreset, get_preset, list_presets
-from imagine.pipeline.edit import (
-    EDIT_COMPONENTS,
-    EditInputError,
-    EditPrompt,
-    InpaintStage,
-    dilate_masks,
-    prompt_for,
-)
-from imagine.pipeline.media import EDIT_CRF, read_video, remux_with_source_audio
-from imagine.pipeline.mux import mux_mp4
+from imagine.pipeline.masks import MaskError, dilate
+from imagine.config import EditConfig
+from imagine.pipeline.media import mux_mp4, read_video, remux_with_source_audio
 from imagine.pipeline.types import DecodedMedia
+from imagine.pipeline.vace import EDIT_COMPONENTS, InpaintStage
 
 MODULES = ["text_encoder", "transformer", "vae"]
+EDIT_CRF = EditConfig().mp4_crf  # what edit outputs are encoded at
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def test_vace_presets_are_their_own_family():
     assert [p.name for p in list_presets("wan_vace")] == ["tiny-vace", "wan-vace"]
     assert all(p.family == "ltx2" for p in list_presets("ltx2"))
     assert {"tiny", "ltx-2"} <= {p.name for p in list_presets("ltx2")}
-    assert len(list_presets()) == len(list_presets("ltx2")) + len(list_presets("wan_vace"))
+    assert len(list_presets()) == sum(len(list_presets(f)) for f in ("ltx2", "wan_vace", "grounding"))
     with pytest.raises(ValueError, match="family"):
         list_presets("sd")
     # a builtin model belongs to one family
@@ -142,7 +138,7 @@ def test_any_size_and_length_in_same_shape_out_source_kept_outside_mask(stage):
     assert stage.padded_num_frames(26) == 29
     out = stage(frames, masks, "a red tree", seed=0, num_inference_steps=2)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (26, 72, 100, 3)
-    outside = dilate_masks(masks, stage.dilation_px) == 0
+    outside = ~dilate(masks > 0.5, stage.dilation_px)
     assert outside.any() and torch.equal(out[outside], frames[outside])  # bit for bit, before any encoding
     inside = masks.bool()
     assert (out[inside] != frames[inside]).float().mean() > 0.5  # the masked region was repainted
@@ -159,7 +155,7 @@ def test_max_pixels_caps_the_working_size(components):
     frames, masks = random_clip(5, 96, 160)
     out = stage(frames, masks, "a red tree", num_inference_steps=1, guidance_scale=1.0)
     assert tuple(out.shape) == (5, 96, 160, 3)
-    outside = dilate_masks(masks, stage.dilation_px) == 0
+    outside = ~dilate(masks > 0.5, stage.dilation_px)
     assert torch.equal(out[outside], frames[outside])
 
 
@@ -214,7 +210,7 @@ _F, _M = random_clip(5, 16, 16)
 def test_bad_inputs_raise_clear_errors_before_any_model_work(stage, frames, masks, params, message):
     called = []
     kwargs = {"prompt": "a tree", **params, "step_hook": lambda *a: called.append(a)}
-    with pytest.raises(EditInputError, match=message) as info:
+    with pytest.raises((EditInputError, MaskError), match=message) as info:
         stage(frames, masks, **kwargs)
     assert isinstance(info.value, ValueError)
     assert not called
@@ -227,18 +223,6 @@ def test_stage_config_is_checked(components):
         InpaintStage(components, max_pixels=0)
     with pytest.raises(ValueError, match="missing"):
         InpaintStage({k: v for k, v in components.items() if k != "vae"})
-
-
-def test_dilate_masks_grows_a_square():
-    masks = torch.zeros(2, 11, 11)
-    masks[0, 5, 5] = 1.0
-    grown = dilate_masks(masks, 2)
-    assert torch.equal(grown[0].nonzero().amin(0), torch.tensor([3, 3]))
-    assert torch.equal(grown[0].nonzero().amax(0), torch.tensor([7, 7]))
-    assert grown[0].sum() == 25 and grown[1].sum() == 0
-    assert torch.equal(dilate_masks(masks, 0), masks)
-    with pytest.raises(EditInputError, match="radius_px"):
-        dilate_masks(masks, -1)
 
 
 def test_prompt_for_each_op():
@@ -295,7 +279,7 @@ def test_outside_mask_quality_after_remux_matches_a_plain_reencode(stage):
     edited = stage(
         source.frames, torch.from_numpy(masks), prompts.prompt, prompts.negative_prompt, num_inference_steps=2
     )
-    outside = dilate_masks(torch.from_numpy(masks).float(), stage.dilation_px) == 0
+    outside = ~dilate(torch.from_numpy(masks), stage.dilation_px)
     assert torch.equal(edited[outside], source.frames[outside])
 
     def reencoded(frames: torch.Tensor) -> torch.Tensor:
