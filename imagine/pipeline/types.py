@@ -33,16 +33,19 @@ def tensors_to(value: Any, device: str | torch.device) -> Any:
     return value
 
 
-def scheduler_copy(scheduler: Any, device: str | torch.device | None = None) -> Any:
-    """A deep copy of a diffusers scheduler mid-run, its tensors (history of model outputs, last sample, timesteps)
-    on `device` when given: multistep schedulers (UniPC) keep per-run state, so a resumable loop carries a copy."""
-    copied = copy.deepcopy(scheduler)
-    if device is not None:
-        for name, value in vars(copied).items():
-            holds_tensors = isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
-            if isinstance(value, torch.Tensor) or holds_tensors:  # not the config (a FrozenDict)
-                setattr(copied, name, tensors_to(value, device))
-    return copied
+def scheduler_state(scheduler: Any, device: str | torch.device | None = None) -> dict[str, Any]:
+    """A diffusers scheduler's run state (everything but its config: timesteps, sigmas, the step index and, for
+    multistep solvers such as UniPC, the history of model outputs) as plain, independent values, its tensors on
+    `device` when given. Plain data unpickles anywhere, without importing diffusers."""
+    state = {name: copy.deepcopy(value) for name, value in vars(scheduler).items() if name != "_internal_dict"}
+    return tensors_to(state, device) if device is not None else state
+
+
+def scheduler_from_state(template: Any, state: dict[str, Any], device: str | torch.device) -> Any:
+    """A copy of `template` (a scheduler of the same config) carrying `state` (see `scheduler_state`) on `device`."""
+    scheduler = copy.deepcopy(template)
+    vars(scheduler).update(tensors_to(copy.deepcopy(state), device))
+    return scheduler
 
 
 def _tensors_to_cpu(obj: Any) -> Any:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from imagine.editing.prompts import EditInputError, EditPrompt, edit_prompt, prompt_for  # noqa: F401 - re-exported
 from imagine.pipeline.denoise import StepHook
 from imagine.pipeline.masks import check_frames, check_masks, dilate
-from imagine.pipeline.types import _tensors_to_cpu, require_components, scheduler_copy
+from imagine.pipeline.types import _tensors_to_cpu, require_components, scheduler_from_state, scheduler_state, tensors_to
 
 VACE_ENCODER_COMPONENTS = ["tokenizer", "text_encoder", "vae"]
 VACE_SAMPLER_COMPONENTS = ["transformer", "scheduler"]
@@ -128,15 +128,16 @@ class VaceConditioning:
 @dataclass
 class VaceState:
     """A VACE sampling loop at a step boundary, resumable in another process. UniPC is a multistep solver: its
-    history of model outputs is part of the state, so the scheduler itself (a copy, advanced to `step_index`)
-    travels with the latents."""
+    history of model outputs is part of the state, so the scheduler's run state (plain values, see
+    `scheduler_state`) travels with the latents."""
 
     spec: EditSpec
     latents: torch.Tensor
     """(1, z, f, h, w) float32."""
     step_index: int
     num_inference_steps: int
-    scheduler: Any
+    scheduler: dict[str, Any]
+    """The scheduler's run state after `step_index` steps (restored onto the sampler's own scheduler)."""
     geometry: EditGeometry
 
     @property
@@ -144,7 +145,7 @@ class VaceState:
         return self.step_index >= self.num_inference_steps
 
     def to_cpu(self) -> VaceState:
-        return replace(self, latents=self.latents.detach().cpu(), scheduler=scheduler_copy(self.scheduler, "cpu"))
+        return replace(self, latents=self.latents.detach().cpu(), scheduler=tensors_to(self.scheduler, "cpu"))
 
 
 @dataclass
@@ -336,7 +337,7 @@ class VaceSampler:
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         scheduler = copy.deepcopy(self.scheduler)  # UniPC keeps per-run state; the shared one stays pristine
         scheduler.set_timesteps(spec.num_inference_steps, device=self.device)
-        return VaceState(spec, latents, 0, len(scheduler.timesteps), scheduler, conditioning.geometry)
+        return VaceState(spec, latents, 0, len(scheduler.timesteps), scheduler_state(scheduler), conditioning.geometry)
 
     @torch.no_grad()
     def step(self, state: VaceState, conditioning: VaceConditioning) -> VaceState:
@@ -348,7 +349,7 @@ class VaceSampler:
         spec = state.spec
         self._check(spec, conditioning)
         device, dtype = self.device, self.transformer.dtype
-        scheduler = scheduler_copy(state.scheduler, device)
+        scheduler = scheduler_from_state(self.scheduler, state.scheduler, device)
         control = conditioning.control.to(device=device, dtype=dtype)
         scale = torch.full((len(self.transformer.config.vace_layers),), float(spec.conditioning_scale), device=device, dtype=dtype)
         latents = state.latents.to(device)
@@ -372,7 +373,7 @@ class VaceSampler:
             noise_uncond = predict(conditioning.negative_embeds, "uncond")
             noise_pred = noise_uncond + spec.guidance_scale * (noise_pred - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        return replace(state, latents=latents, step_index=state.step_index + 1, scheduler=scheduler)
+        return replace(state, latents=latents, step_index=state.step_index + 1, scheduler=scheduler_state(scheduler))
 
     def finish(self, state: VaceState) -> VaceLatents:
         if not state.done:
