@@ -23,6 +23,8 @@ from imagine.pipeline.types import (
     GenerationSpec,
     Latents,
     PromptEmbeddings,
+    check_can_finish,
+    check_can_step,
     require_components,
 )
 
@@ -201,10 +203,7 @@ class DenoiserStage:
         from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
         from diffusers.pipelines.ltx2.utils import conditioning_frame_rate
 
-        if state.done:
-            raise ValueError(
-                f"state.step_index is {state.step_index}: all {state.num_inference_steps} steps are already done"
-            )
+        check_can_step(state)
         spec = state.spec
         self._check_embeddings(spec, embeddings)
         pipe = self._t2v
@@ -316,11 +315,7 @@ class DenoiserStage:
     @torch.no_grad()
     def finish(self, state: DenoiseState) -> Latents:
         """Unpack and denormalize the sampled latents into VAE space."""
-        if not state.done:
-            raise ValueError(
-                f"state.step_index is {state.step_index}: {state.num_inference_steps - state.step_index} of "
-                f"{state.num_inference_steps} steps are still to run"
-            )
+        check_can_finish(state)
         pipe = self._t2v
         patch = (self.transformer.config.patch_size, self.transformer.config.patch_size_t)
         video = pipe._unpack_latents(

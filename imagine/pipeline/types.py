@@ -48,6 +48,23 @@ def scheduler_from_state(template: Any, state: dict[str, Any], device: str | tor
     return scheduler
 
 
+def check_can_step(state: Any) -> None:
+    """A sampler's `step` precondition: steps are left to run (any state with `step_index` / `num_inference_steps`)."""
+    if state.step_index >= state.num_inference_steps:
+        raise ValueError(
+            f"state.step_index is {state.step_index}: all {state.num_inference_steps} steps are already done"
+        )
+
+
+def check_can_finish(state: Any) -> None:
+    """A sampler's `finish` precondition: every step has run."""
+    if state.step_index < state.num_inference_steps:
+        raise ValueError(
+            f"state.step_index is {state.step_index}: {state.num_inference_steps - state.step_index} of "
+            f"{state.num_inference_steps} steps are still to run"
+        )
+
+
 def _tensors_to_cpu(obj: Any) -> Any:
     """A shallow copy of dataclass `obj` whose tensor fields (and nested stage dataclasses) are on the CPU."""
     changes: dict[str, Any] = {}

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from imagine.editing.prompts import EditInputError, EditPrompt, edit_prompt, prompt_for  # noqa: F401 - re-exported
 from imagine.pipeline.denoise import StepHook
 from imagine.pipeline.masks import check_frames, check_masks, dilate
-from imagine.pipeline.types import _tensors_to_cpu, require_components, scheduler_from_state, scheduler_state, tensors_to
+from imagine.pipeline.types import (
+    _tensors_to_cpu,
+    check_can_finish,
+    check_can_step,
+    require_components,
+    scheduler_from_state,
+    scheduler_state,
+    tensors_to,
+)
 
 VACE_ENCODER_COMPONENTS = ["tokenizer", "text_encoder", "vae"]
 VACE_SAMPLER_COMPONENTS = ["transformer", "scheduler"]
@@ -342,10 +350,7 @@ class VaceSampler:
     @torch.no_grad()
     def step(self, state: VaceState, conditioning: VaceConditioning) -> VaceState:
         """Run sampling step `state.step_index` and return the state after it (the input is not modified)."""
-        if state.done:
-            raise ValueError(
-                f"state.step_index is {state.step_index}: all {state.num_inference_steps} steps are already done"
-            )
+        check_can_step(state)
         spec = state.spec
         self._check(spec, conditioning)
         device, dtype = self.device, self.transformer.dtype
@@ -376,11 +381,7 @@ class VaceSampler:
         return replace(state, latents=latents, step_index=state.step_index + 1, scheduler=scheduler_state(scheduler))
 
     def finish(self, state: VaceState) -> VaceLatents:
-        if not state.done:
-            raise ValueError(
-                f"state.step_index is {state.step_index}: {state.num_inference_steps - state.step_index} of "
-                f"{state.num_inference_steps} steps are still to run"
-            )
+        check_can_finish(state)
         return VaceLatents(state.latents, state.geometry)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from imagine.config import AppConfig
-from imagine.pipeline.masks import boxes_to_masks
 from imagine.jobs import JobRecord
+from imagine.pipeline.masks import boxes_to_masks
 from imagine.pipeline.media import read_video, remux_with_source_audio
 from imagine.pipeline.vace import EditSpec, VaceConditioning, VaceDecoderStage, VaceEncoderStage, VaceLatents
 from imagine.serving.samplers import component_config, served_edit_preset, served_grounding_preset
@@ -139,6 +139,11 @@ class EditCodecServer(StageHost):
             self.loaded, self.device, self.dtype, dilation_px=cfg.dilate_px, feather_px=cfg.feather_px
         )
 
+    def _source_and_masks(self, job: JobRecord, tmp: Path) -> tuple[Any, torch.Tensor]:
+        """The decoded source (its file under `tmp`, for the audio remux) and the edit's masks at its size."""
+        source = _read_source(self.artifacts, job.params.source_key, tmp)
+        return source, job_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+
     async def encode(self, job: JobRecord, spec: EditSpec) -> VaceConditioning:
         return await self.run_on_torch_thread(self._encode, job, spec)
 
@@ -146,9 +151,7 @@ class EditCodecServer(StageHost):
         started = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
-                tmp = Path(tmp_dir)
-                source = _read_source(self.artifacts, job.params.source_key, tmp)
-                masks = job_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+                source, masks = self._source_and_masks(job, Path(tmp_dir))
             # on the CPU: a parallel editor replica holds no GPU itself (its ranks do)
             return self.encoder(source.frames, masks, spec).to_cpu()
         finally:
@@ -162,8 +165,7 @@ class EditCodecServer(StageHost):
         try:
             with tempfile.TemporaryDirectory(prefix="imagine-edit-") as tmp_dir:
                 tmp = Path(tmp_dir)
-                source = _read_source(self.artifacts, job.params.source_key, tmp)
-                masks = job_masks(job, self.artifacts, tmp, tuple(source.frames.shape[:3]))
+                source, masks = self._source_and_masks(job, tmp)
                 frames = self.decoder(sampled, source.frames, masks)
                 decoded = time.perf_counter()
                 out = tmp / "edited.mp4"

@@ -24,40 +24,33 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _configured_preset(name: str, source: str | None, family: str, field: str) -> ModelPreset:
+    """Preset `name` (config field `field`), checked to be of `family`, with the config's `source` override."""
+    preset = get_preset(name)
+    if preset.family != family:
+        raise ValueError(f"{field} {preset.name!r} is a {preset.family} model; this needs a {family} preset")
+    return preset.model_copy(update={"source": source}) if source else preset
+
+
 def served_preset(config: AppConfig) -> ModelPreset:
     """The generation preset, with the config's `model.source` override applied."""
-    preset = get_preset(config.model.preset)
-    if preset.family != "ltx2":
-        raise ValueError(f"model.preset {preset.name!r} is a {preset.family} model; generation needs an ltx2 preset")
-    if config.model.source:
-        preset = preset.model_copy(update={"source": config.model.source})
-    return preset
+    return _configured_preset(config.model.preset, config.model.source, "ltx2", "model.preset")
 
 
 def served_edit_preset(config: AppConfig) -> ModelPreset | None:
     """The edit model preset (with the config's `edit.source` override), or None when edits are off."""
     if not config.edit.enabled:
         return None
-    preset = get_preset(config.edit.preset)
-    if preset.family != "wan_vace":
-        raise ValueError(f"edit.preset {preset.name!r} is a {preset.family} model; edits need a wan_vace preset")
-    if config.edit.source:
-        preset = preset.model_copy(update={"source": config.edit.source})
-    return preset
+    return _configured_preset(config.edit.preset, config.edit.source, "wan_vace", "edit.preset")
 
 
 def served_grounding_preset(config: AppConfig) -> ModelPreset | None:
     """The grounding preset (with the config's `edit.grounding_source` override), or None when edits are off."""
     if not config.edit.enabled:
         return None
-    preset = get_preset(config.edit.grounding_preset)
-    if preset.family != "grounding":
-        raise ValueError(
-            f"edit.grounding_preset {preset.name!r} is a {preset.family} model; grounding needs a grounding preset"
-        )
-    if config.edit.grounding_source:
-        preset = preset.model_copy(update={"source": config.edit.grounding_source})
-    return preset
+    return _configured_preset(
+        config.edit.grounding_preset, config.edit.grounding_source, "grounding", "edit.grounding_preset"
+    )
 
 
 def pool_preset(config: AppConfig, pool: str) -> ModelPreset:
