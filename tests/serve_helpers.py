@@ -1,10 +1,13 @@
-"""Helpers of the Serve-stack tests: a client of one deployed app, and the request sizes they use."""
+"""Helpers of the Ray-tier tests: the small app config they share, a client of one deployed app, the request sizes
+they use, and a bounded wait."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -15,6 +18,42 @@ from imagine.parallel.dist import free_port
 SMALL = {"duration": 1, "resolution": "480p", "aspect_ratio": "1:1", "num_inference_steps": 3}
 # a job with many cheap steps, to observe and cancel mid-loop
 LONG = {"duration": 1, "resolution": "480p", "aspect_ratio": "16:9", "num_inference_steps": 100}
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def small_config(home: Path | str, stage_cpus: float = 0.15, **overrides: Any) -> AppConfig:
+    """An app that fits 2 cores: auth off, the tiny model on one torch thread, every stage one request at a time on
+    `stage_cpus` CPUs, edits off; `overrides` are AppConfig fields, merged into those (nested dicts too)."""
+    small = {"num_cpus": stage_cpus, "max_ongoing_requests": 1}
+    base = {
+        "home": str(home),
+        "poll_interval_s": 0.2,
+        "auth": {"enabled": False},  # keys and tenants have their own tests (test_auth.py)
+        "model": {"preset": "tiny", "torch_threads": 1},
+        "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
+        "text_encoder": small,
+        "denoiser": small,
+        "decoder": small,
+        "grounder": small,
+        "edit_codec": small,
+        "editor": small,
+        "edit": {"enabled": False},  # the edit path has its own Serve tests (test_edit_serving.py)
+    }
+    return AppConfig.model_validate(_merged(base, overrides))
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        time.sleep(interval_s)
 
 
 class Served:

@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from serve_helpers import SMALL, Served, serve_app
+from serve_helpers import SMALL, Served, serve_app, small_config
 
 from imagine.config import AppConfig, EditConfig
 from imagine.jobs import JobStore
@@ -30,23 +30,11 @@ BOX = [96.0, 160.0, 256.0, 352.0]  # x0, y0, x1, y1 in the 480x480 source
 
 
 def _config(home) -> AppConfig:
-    small = {"num_cpus": 0.15, "max_ongoing_requests": 1}
-    return AppConfig.model_validate(
-        {
-            "home": str(home),
-            "poll_interval_s": 0.2,
-            "auth": {"enabled": False},
-            "model": {"preset": "tiny", "torch_threads": 1},
-            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
-            "text_encoder": small,
-            "denoiser": small,
-            "decoder": small,
-            "grounder": small,
-            "edit_codec": small,
-            "editor": {**small, "parallel": {"sequence": 2, "cpus_per_rank": 0.25, "timeout_s": 60}},
-            # the tiny VACE repaints at 160x160 and upscales into the mask: fast on 2 cores, same code path as 480p
-            "edit": {"dilate_px": DILATE_PX, "max_work_pixels": 160 * 160, "default_steps": 2},
-        }
+    return small_config(
+        home,
+        editor={"parallel": {"sequence": 2, "cpus_per_rank": 0.25, "timeout_s": 60}},
+        # the tiny VACE repaints at 160x160 and upscales into the mask: fast on 2 cores, same code path as 480p
+        edit={"enabled": True, "dilate_px": DILATE_PX, "max_work_pixels": 160 * 160, "default_steps": 2},
     )
 
 

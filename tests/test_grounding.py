@@ -144,17 +144,6 @@ def test_propagate_rejects_bad_boxes(
         stage.propagate(frames, boxes_by_frame)
 
 
-def test_masks_for_explicit_boxes_needs_no_models(model_free: GroundingStage, frames: np.ndarray) -> None:
-    stage = model_free
-    masks, info = stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 30, 40)], dilate_px=0, smooth=1)
-    assert info["source"] == "explicit_boxes"
-    assert torch.equal(masks, boxes_to_masks([(10, 10, 30, 40)], F_, H_, W_))
-    grown, _ = stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 30, 40)], dilate_px=2, smooth=1)
-    assert int(grown[0].sum()) == 24 * 34
-    with pytest.raises(ValueError, match=r"boxes\[0\]"):
-        stage.masks_for("remove the dog", frames, explicit_boxes=[(10, 10, 300, 40)])
-
-
 @pytest.mark.parametrize("text", ["add a blooming tree on the left", "在画面左侧添加一棵开花的树"])
 def test_masks_for_add_paints_the_place_region(model_free: GroundingStage, frames: np.ndarray, text: str) -> None:
     masks, info = model_free.masks_for(text, frames, dilate_px=0, smooth=1)

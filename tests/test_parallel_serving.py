@@ -13,7 +13,7 @@ import signal
 import psutil
 import pytest
 import torch
-from serve_helpers import LONG, SMALL, serve_app
+from serve_helpers import LONG, SMALL, serve_app, small_config
 
 from imagine.config import AppConfig
 from imagine.jobs import JobStore
@@ -36,20 +36,8 @@ TOLERANCE = 1e-3  # relative: max|parallel - single| / max|single|
 
 
 def _config(home, parallel: dict, **extra) -> AppConfig:
-    small = {"num_cpus": 0.1, "max_ongoing_requests": 1}
-    return AppConfig.model_validate(
-        {
-            "home": str(home),
-            "poll_interval_s": 0.2,
-            "auth": {"enabled": False},
-            "model": {"preset": "tiny", "torch_threads": 1},
-            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
-            "text_encoder": small,
-            "denoiser": {**small, "parallel": {"cpus_per_rank": 0.25, "timeout_s": 60, **parallel}},
-            "decoder": small,
-            "edit": {"enabled": False},
-            **extra,
-        }
+    return small_config(
+        home, stage_cpus=0.1, denoiser={"parallel": {"cpus_per_rank": 0.25, "timeout_s": 60, **parallel}}, **extra
     )
 
 

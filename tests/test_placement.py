@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import ray
@@ -19,6 +19,7 @@ import ray._private.utils
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import get_current_placement_group
+from serve_helpers import wait_until
 
 from imagine.serving.ranks import PlacementTimeout, RankGroup, rank_bundles
 
@@ -48,14 +49,6 @@ def new_group(placement_timeout_s: float = 60.0) -> RankGroup:
     return RankGroup(
         2, probe, "cpu", cpus_per_rank=RANK_CPUS, declare_gpus=True, placement_timeout_s=placement_timeout_s
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s}s")
-        time.sleep(0.5)
 
 
 def live_placement_groups() -> dict[str, str]:
@@ -208,9 +201,8 @@ def test_jobs_wait_queued_for_an_unplaced_parallel_replica(cluster: tuple[Cluste
     pending and a submitted job stays queued, not failed; once a node frees up, the replica is placed and the job
     runs to done."""
     import httpx
-    from serve_helpers import SMALL, Served, free_port
+    from serve_helpers import SMALL, Served, free_port, small_config
 
-    from imagine.config import AppConfig
     from imagine.models.tiny import ensure_tiny_ltx2
     from imagine.serving.app import build_app
 
@@ -219,19 +211,11 @@ def test_jobs_wait_queued_for_an_unplaced_parallel_replica(cluster: tuple[Cluste
     blockers = [new_group(), new_group()]
     for g in blockers:
         g.start()  # each holds both GPUs of one node
-    small = {"num_cpus": 0.05, "max_ongoing_requests": 1}
-    config = AppConfig.model_validate(
-        {
-            "home": str(home),
-            "poll_interval_s": 0.2,
-            "auth": {"enabled": False},
-            "model": {"preset": "tiny", "torch_threads": 1},
-            "ingress": small,
-            "text_encoder": small,
-            "decoder": small,
-            "denoiser": {**small, "num_gpus": 1, "parallel": {"sequence": 2, "cpus_per_rank": RANK_CPUS}},
-            "edit": {"enabled": False},
-        }
+    config = small_config(
+        home,
+        stage_cpus=0.05,
+        ingress={"num_cpus": 0.05, "max_ongoing_requests": 1},
+        denoiser={"num_gpus": 1, "parallel": {"sequence": 2, "cpus_per_rank": RANK_CPUS}},
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
+from serve_helpers import wait_until
 
 from imagine.serving.ranks import PlacementTimeout, RankFailure, RankGroup, rank_bundles
 
@@ -71,14 +72,6 @@ def group(**overrides: object) -> RankGroup:
     options: dict = {"cpus_per_rank": 0.5, "collective_timeout_s": 120.0, "setup_timeout_s": 180.0}
     options.update(overrides)
     return RankGroup(2, summer, "cpu", **options)
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s}s")
-        time.sleep(0.2)
 
 
 def test_rank_bundles_shape_and_validation() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import LONG, SMALL, Served, serve_app
+from serve_helpers import LONG, SMALL, Served, serve_app, small_config
 
 from imagine.config import AppConfig
 from imagine.models.tiny import ensure_tiny_ltx2
@@ -18,22 +18,13 @@ pytestmark = pytest.mark.ray
 
 
 def _config(home: Path) -> AppConfig:
-    small = {"num_cpus": 0.2, "max_ongoing_requests": 1}
-    return AppConfig.model_validate(
-        {
-            "home": str(home),
-            "poll_interval_s": 0.2,
-            "auth": {"enabled": False},  # keys and tenants have their own tests (test_auth.py)
-            "accounting": {"price_per_second_usd": {"tiny": {"480p": 0.05, "720p": 0.1}}},
-            "max_inflight_jobs": 2,
-            "model": {"preset": "tiny", "torch_threads": 1},
-            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
-            "text_encoder": small,
-            # two denoiser replicas = two jobs really denoising at once (one each)
-            "denoiser": {**small, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
-            "decoder": small,
-            "edit": {"enabled": False},  # the edit path has its own Serve tests (test_edit_serving.py)
-        }
+    return small_config(
+        home,
+        stage_cpus=0.2,
+        accounting={"price_per_second_usd": {"tiny": {"480p": 0.05, "720p": 0.1}}},
+        max_inflight_jobs=2,
+        # two denoiser replicas = two jobs really denoising at once (one each)
+        denoiser={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
     )
 
 

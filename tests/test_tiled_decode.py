@@ -17,9 +17,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from imagine.pipeline.decode import DecoderStage
+from imagine.pipeline.decode import DecoderStage, TilingConfig, _blend_weights, _tile_spans, decode_tiled
 from imagine.pipeline.types import Latents
-from imagine.pipeline.decode import TilingConfig, _blend_weights, _tile_spans, decode_tiled
 
 
 class LocalDecoder:

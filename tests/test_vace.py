@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from imagine.config import EditConfig
 from imagine.editing.prompts import EditInputError, EditPrompt, prompt_for
 from imagine.models import tiny_vace
 from imagine.models.loading import BUILTIN_BUILDERS, load_components, resolve_model_dir
 from imagine.models.presets import BUILTIN_SOURCES, ModelPreset, get_preset, list_presets
 from imagine.pipeline.masks import MaskError, dilate
-from imagine.config import EditConfig
 from imagine.pipeline.media import mux_mp4, read_video, remux_with_source_audio
 from imagine.pipeline.types import DecodedMedia
 from imagine.pipeline.vace import EDIT_COMPONENTS, InpaintStage

@@ -1,8 +1,9 @@
 """Grounding for the edit path: turns an `EditInstruction` and a clip into per-frame boolean masks of what to
 repaint (white = regenerate), for the masked video model.
 
-Three routes, cheapest first: explicit user boxes (no models); "add" edits, whose mask is the place's region
-(no models unless the place is relative to other objects); "remove"/"replace" edits, which run a text-conditioned
+Two routes (explicit user boxes or mask videos need no grounding: `imagine.pipeline.masks.boxes_to_masks` in the
+edit codec): "add" edits, whose mask is the place's region (no models unless the place is relative to other
+objects); "remove"/"replace" edits, which run a text-conditioned
 detector (GroundingDINO) on a few key frames and track the detected boxes through the clip with SAM2's video
 model. Masks are then dilated (inpainting needs a margin around the object) and smoothed in time (a mask that
 drops out for one frame leaves a one-frame ghost), with `imagine.pipeline.masks`. Plain Python/torch, no Ray.
@@ -261,15 +262,12 @@ class GroundingStage:
         self,
         instruction: EditInstruction | str,
         frames: np.ndarray | torch.Tensor,
-        explicit_boxes: Sequence[Any] | None = None,
         dilate_px: int = 8,
         smooth: int = 3,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Bool ``(F, H, W)`` masks (True = repaint) for `instruction` on `frames`, and an info dict saying how
         they were made (`source`, detector `phrase`, `boxes` per key frame, `region`, `coverage`, `timings`).
 
-        - `explicit_boxes` (one list for all frames or one list per frame, see `boxes_to_masks`): used as is,
-          no model runs.
         - "add": the place's region (`place_to_region`); a relative place ("next to the sofa") detects its
           anchors first (best box on the earliest key frame that has one).
         - "remove"/"replace": detect the target (Chinese targets are glossed to English for the detector), keep
@@ -285,10 +283,7 @@ class GroundingStage:
         num_frames, height, width = video.shape[:3]
         info: dict[str, Any] = {"op": instruction.op, "target": instruction.target, "timings": {}}
         started = time.perf_counter()
-        if explicit_boxes is not None:
-            info["source"] = "explicit_boxes"
-            masks = boxes_to_masks(explicit_boxes, num_frames, height, width)
-        elif instruction.op == "add":
+        if instruction.op == "add":
             info["source"] = "place_region"
             anchor_boxes = self._anchor_boxes(video, instruction.place, info)
             region = place_to_region(instruction.place, width, height, anchor_boxes)
