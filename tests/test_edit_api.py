@@ -217,3 +217,22 @@ def test_edits_off_answers_404(tmp_path):
     resp = TestClient(create_api(service)).post("/v1/videos/edits", json={"prompt": "remove the dog", "video_id": "x"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "edits_disabled"
     store.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["remove the man walking in the background", "移除背景中走过的行人", "replace the red car with a blue bicycle",
+     "add a tree between the sofa and the lamp"],
+)
+def test_the_grounder_gets_the_instruction_the_ingress_parsed(text):
+    """The stored typed instruction turns back into the parser's own value: grounding never parses again."""
+    from types import SimpleNamespace
+
+    from imagine.api.edits import edit_instruction
+    from imagine.api.schemas import EditRequest
+    from imagine.editing.instructions import parse_instruction
+    from imagine.serving.edits import parsed_instruction
+
+    stored = edit_instruction(EditRequest(prompt=text, video_id="x"))
+    job = SimpleNamespace(id="j", params=SimpleNamespace(instruction=stored))
+    assert parsed_instruction(job) == parse_instruction(text)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from imagine.config import AppConfig
+from imagine.editing.instructions import EditInstruction, Place
 from imagine.jobs import JobRecord
 from imagine.pipeline.masks import boxes_to_masks
 from imagine.pipeline.media import read_video, remux_with_source_audio
@@ -31,6 +32,17 @@ logger = logging.getLogger(__name__)
 def needs_grounding(job: JobRecord) -> bool:
     """Whether the edit's masks come from its words (no explicit boxes or mask video)."""
     return job.params.mask is None and job.params.mask_key is None
+
+
+def parsed_instruction(job: JobRecord) -> EditInstruction:
+    """The instruction the ingress parsed, as grounding takes it (the stored typed copy; no second parse)."""
+    stored = job.params.instruction
+    if stored.op == "inpaint" or stored.target is None or stored.language is None or stored.text is None:
+        raise ValueError(f"job {job.id} has no parsed instruction to ground (op {stored.op!r}): it needs a mask")
+    place = None
+    if stored.place is not None:
+        place = Place(stored.place.phrase, stored.place.kind, tuple(stored.place.anchors))
+    return EditInstruction(stored.op, stored.target, stored.language, stored.text, stored.replacement, place)
 
 
 def save_masks(artifacts: Any, key: str, masks: torch.Tensor) -> None:
@@ -109,7 +121,7 @@ class GrounderServer(StageHost):
             with tempfile.TemporaryDirectory(prefix="imagine-ground-") as tmp:
                 source = _read_source(self.artifacts, job.params.source_key, Path(tmp))
             # no dilation here: the codec grows every mask (grounded or explicit) by `edit.dilate_px` itself
-            masks, info = self.grounding.masks_for(job.params.prompt, source.frames, dilate_px=0)
+            masks, info = self.grounding.masks_for(parsed_instruction(job), source.frames, dilate_px=0)
             save_masks(self.artifacts, grounded_masks_key(job.id), masks.bool())
         finally:
             elapsed = time.perf_counter() - started
