@@ -227,6 +227,22 @@ class EditConfig(_Strict):
         return self
 
 
+class S3Config(_Strict):
+    """The S3 artifact store (`artifacts: s3://bucket/prefix`). Credentials come from boto3's standard chain
+    (environment, shared config, instance or pod identity), never from this file."""
+
+    endpoint_url: str | None = Field(None, description="An S3-compatible server's endpoint (None = AWS).")
+    region: str | None = Field(None, description="The bucket's region (None = boto3's default chain).")
+    multipart_threshold_mib: int = Field(
+        64, ge=5, le=5 * 1024, description="Files larger than this go up as a parallel multipart upload (in parts of "
+        "this size; S3's smallest part is 5 MiB)."
+    )
+    presigned_url_ttl_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Lifetime of a done job's presigned `video.url` (at most 7 days, "
+        "SigV4's limit)."
+    )
+
+
 class LimitsConfig(_Strict):
     """Input limits enforced by the API (4xx past them)."""
 
@@ -319,7 +335,12 @@ class AppConfig(_Strict):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the job store; None = SQLite file `<home>/imagine.db`."
     )
-    artifacts_dir: Path | None = Field(None, description="Local artifact directory; None = `<home>/artifacts`.")
+    artifacts: str | None = Field(
+        None,
+        description="Where inputs, outputs and checkpoints live: a local directory, or `s3://bucket/prefix` (see "
+        "`s3`); None = `<home>/artifacts`.",
+    )
+    s3: S3Config = Field(default_factory=lambda: S3Config(), description="The S3 artifact store's client options.")
     public_url: str | None = Field(
         None, description="Base URL clients reach the API at, used for `video.url` (None = from the request)."
     )
@@ -375,10 +396,31 @@ class AppConfig(_Strict):
         "degree; preempted, checkpointed and retried like the generation pools.",
     )
 
-    @field_validator("home", "artifacts_dir", mode="after")
+    @field_validator("home", mode="before")
     @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    def _home_is_a_directory(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(f"home must be a local directory, got the URI {value!r}")
+        return value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("artifacts")
+    @classmethod
+    def _check_artifacts(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("s3://"):
+            if value is not None and not value[len("s3://"):].split("/")[0]:
+                raise ValueError(f"artifacts {value!r} has no bucket: use s3://bucket/prefix")
+            return value
+        if "://" in value:
+            raise ValueError(
+                f"artifacts must be a local directory or s3://bucket/prefix, got the URI {value!r} "
+                f"(scheme {value.split('://')[0]!r} is not supported)"
+            )
+        return str(Path(value).expanduser())
 
     @model_validator(mode="after")
     def _check_denoiser_min(self) -> "AppConfig":
@@ -426,5 +468,17 @@ class AppConfig(_Strict):
         return self.database_url or f"sqlite:///{self.home / 'imagine.db'}"
 
     @property
+    def resolved_artifacts(self) -> str:
+        """The artifact location: `artifacts`, or the local directory `<home>/artifacts`."""
+        return self.artifacts or str(self.home / "artifacts")
+
+    @property
+    def artifacts_on_s3(self) -> bool:
+        return self.resolved_artifacts.startswith("s3://")
+
+    @property
     def resolved_artifacts_dir(self) -> Path:
-        return self.artifacts_dir or self.home / "artifacts"
+        """The local artifact directory (a ValueError when artifacts are on S3: there is no local directory)."""
+        if self.artifacts_on_s3:
+            raise ValueError(f"artifacts are at {self.resolved_artifacts}, not in a local directory")
+        return Path(self.resolved_artifacts)

@@ -97,6 +97,37 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgresql_url")
 
 
+# -- S3: a real S3-compatible server (moto's server mode) on loopback -------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on a free loopback port for the session, with fake credentials in the environment (boto3's
+    standard chain picks them up); yields its endpoint URL. Buckets are per test (random names)."""
+    from moto.server import ThreadedMotoServer
+
+    patch = pytest.MonkeyPatch()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        patch.setenv(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        patch.undo()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the session's S3 server; its name."""
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
 # -- Ray: one local Ray for the whole Ray tier ------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def _ray_temp_dir() -> Iterator[str]:
@@ -190,7 +221,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "unit": (
         "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_edit_api",
         "test_idempotency", "test_instructions", "test_intake", "test_jobs", "test_layering", "test_ledger",
-        "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_routing",
+        "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_routing", "test_storage",
     ),
     "pipeline": (
         "test_dist", "test_grounding", "test_masks", "test_media", "test_models", "test_parallel_sp",

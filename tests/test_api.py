@@ -177,7 +177,7 @@ def test_content_supports_range(env):
     job = store.claim_next()
     payload = bytes(range(256)) * 40
     artifacts.put_bytes(f"outputs/{rid}/video.mp4", payload)
-    store.complete(rid, job.attempt, {"artifact_key": f"outputs/{rid}/video.mp4", "duration_s": 2.0, "width": 864, "height": 480, "fps": 24.0})
+    store.complete(rid, job.attempt, {"artifact_key": f"outputs/{rid}/video.mp4", "duration_s": 2.0, "width": 864, "height": 480, "fps": 24.0, "has_audio": True})
     body = client.get(f"/v1/videos/{rid}").json()
     assert body["status"] == "done" and body["video"]["url"].endswith(f"/v1/videos/{rid}/content")
     full = client.get(f"/v1/videos/{rid}/content")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -175,27 +174,6 @@ def test_resolve_local_dir(tmp_path, tiny_model_dir):
 def test_load_components_rejects_unknown_name(tiny_model_dir):
     with pytest.raises(ValueError, match="unet"):
         load_components(tiny_model_dir, ["unet"], "cpu", torch.float32)
-
-
-@pytest.fixture()
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def test_resolve_s3_downloads_once_and_loads(tmp_path, tiny_model_dir, s3_server, loaded):

@@ -121,7 +121,7 @@ def test_sp2_replica_serves_the_single_rank_video(served, home):
 
     store = JobStore(served.config.resolved_database_url)
     try:  # the very spec the scheduler handed the replica
-        spec = spec_from_job(store.get(job_id), open_artifact_store(str(served.config.resolved_artifacts_dir)))
+        spec = spec_from_job(store.get(job_id), open_artifact_store(served.config))
     finally:
         store.close()
     media = LocalGenerator(ensure_tiny_ltx2(home)).generate(spec)

@@ -95,7 +95,11 @@ class CreatedResponse(BaseModel):
 
 
 class VideoInfo(BaseModel):
-    url: str
+    url: str = Field(
+        description="Where to download the MP4: a presigned URL of the artifact store (no API key needed, until "
+        "`expires_at`), or this API's `/v1/videos/{id}/content` (with the API key)."
+    )
+    expires_at: float | None = Field(None, description="When a presigned `url` stops working (unix s); None: no expiry.")
     duration: float
     width: int
     height: int

@@ -359,9 +359,12 @@ class JobService:
         video = None
         if job.status == JobStatus.DONE and job.result:
             r = job.result
+            ttl = self.config.s3.presigned_url_ttl_s
+            presigned = self.artifacts.presigned_url(r["artifact_key"], ttl)  # signed here: no request to the store
             video = VideoInfo(
-                url=f"{(self.config.public_url or base_url).rstrip('/')}/v1/videos/{job.id}/content",
-                duration=r["duration_s"], width=r["width"], height=r["height"], fps=r["fps"], has_audio=r.get("has_audio", True),
+                url=presigned or f"{(self.config.public_url or base_url).rstrip('/')}/v1/videos/{job.id}/content",
+                expires_at=time.time() + ttl if presigned else None,
+                duration=r["duration_s"], width=r["width"], height=r["height"], fps=r["fps"], has_audio=r["has_audio"],
             )
         error = ErrorInfo(**job.error) if job.error else None
         request = job.params.model_dump(mode="json", exclude=_INTERNAL_PARAMS)

@@ -41,7 +41,7 @@ class IngressServer:
         self.service = JobService(
             config,
             JobStore(config.resolved_database_url),
-            open_artifact_store(str(config.resolved_artifacts_dir)),
+            open_artifact_store(config),
             presets={preset.name: preset},
             default_model=preset.name,
             notify=self._nudge,

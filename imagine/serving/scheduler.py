@@ -98,7 +98,7 @@ class SchedulerServer:
     ):
         self.config = config
         self.store = JobStore(config.resolved_database_url)
-        self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
+        self.artifacts = open_artifact_store(config)
         self.encoder, self.denoisers, self.decoder = encoder, denoisers, decoder
         self.grounder, self.edit_codec = grounder, edit_codec
         sched = config.scheduling

@@ -73,7 +73,7 @@ class StageHost:
         self.loaded = self.on_torch_thread(self._load, preset, list(components))
         self.store = JobStore(config.resolved_database_url)
         self.ledger = Ledger(self.store.engine, config.accounting)
-        self.artifacts = open_artifact_store(str(config.resolved_artifacts_dir))
+        self.artifacts = open_artifact_store(config)
 
     def on_torch_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the torch thread and wait (construction-time loading)."""

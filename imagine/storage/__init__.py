@@ -1,5 +1,9 @@
 """Artifact stores: where finished MP4s (and uploaded inputs) live, and the key layout inside them (`keys`)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from imagine.storage.base import ArtifactNotFound, ArtifactStore
 from imagine.storage.keys import (
     checkpoint_key,
@@ -10,6 +14,9 @@ from imagine.storage.keys import (
     output_video_key,
 )
 from imagine.storage.local import LocalArtifactStore
+
+if TYPE_CHECKING:
+    from imagine.config import AppConfig
 
 __all__ = [
     "ArtifactNotFound",
@@ -25,8 +32,15 @@ __all__ = [
 ]
 
 
-def open_artifact_store(location: str) -> ArtifactStore:
-    """The store for a location: a local directory today; `s3://` joins with the S3 store."""
-    if location.startswith("s3://"):
-        raise ValueError(f"artifact location {location!r}: the S3 artifact store is not available yet")
-    return LocalArtifactStore(location)
+def open_artifact_store(config: AppConfig) -> ArtifactStore:
+    """The configured store: `config.artifacts` is `s3://bucket/prefix` (the S3 store, `config.s3`'s options) or a
+    local directory (default `<home>/artifacts`)."""
+    if config.artifacts_on_s3:
+        from imagine.storage.s3 import S3ArtifactStore
+
+        s3 = config.s3
+        return S3ArtifactStore(
+            config.resolved_artifacts, endpoint_url=s3.endpoint_url, region=s3.region,
+            multipart_threshold=s3.multipart_threshold_mib * 2**20,
+        )
+    return LocalArtifactStore(config.resolved_artifacts_dir)

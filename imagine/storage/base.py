@@ -11,8 +11,17 @@ class ArtifactNotFound(KeyError):
     """No artifact under this key."""
 
 
+def check_key(key: str) -> str:
+    """`key` if it is a relative '/'-separated path with no empty, '.' or '..' part; ValueError otherwise (the same
+    keys are valid in every store)."""
+    parts = key.split("/") if isinstance(key, str) else [""]
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid artifact key {key!r}")
+    return key
+
+
 class ArtifactStore(ABC):
-    """Put whole files, read byte ranges back. Implementations: local directory (here), S3 (later)."""
+    """Put whole files, read byte ranges back. Implementations: a local directory (`local`), S3 (`s3`)."""
 
     @abstractmethod
     def put_file(self, key: str, source: Path) -> int:
@@ -45,6 +54,11 @@ class ArtifactStore(ABC):
                     break
                 remaining -= len(chunk)
                 yield chunk
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """A URL that downloads `key` without the API's credentials for `expires_s` seconds, where the store can
+        make one (S3); None where it cannot (a local directory: clients use the API's content route)."""
+        return None
 
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as fh:

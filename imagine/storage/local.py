@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
-from imagine.storage.base import ArtifactNotFound, ArtifactStore
+from imagine.storage.base import ArtifactNotFound, ArtifactStore, check_key
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -17,10 +17,7 @@ class LocalArtifactStore(ArtifactStore):
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        parts = PurePosixPath(key).parts
-        if not parts or any(p in ("..", "") for p in parts) or PurePosixPath(key).is_absolute():
-            raise ValueError(f"invalid artifact key {key!r}")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*check_key(key).split("/"))
 
     def _atomic_write(self, key: str, write) -> int:  # noqa: ANN001 - callable(fileobj)
         target = self._path(key)
