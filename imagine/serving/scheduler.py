@@ -183,7 +183,9 @@ class SchedulerServer:
             code = "edit_failed" if job.kind == "edit" else "generation_failed"
             if caused_by(e, GroundingError):
                 code = "target_not_found"
-            await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e))
+            if await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e)):
+                # a failed job never resumes: its checkpoint and work files go with it
+                await self._discard(job.checkpoint_key, grounded_masks_key(job.id) if job.kind == "edit" else None)
 
     def _pool(self, job: JobRecord) -> Any:
         denoiser = self.denoisers.get(job.pool)
