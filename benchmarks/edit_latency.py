@@ -60,11 +60,12 @@ def main() -> None:
     from imagine.config import EditConfig
     from imagine.editing.grounding import load_grounding_stage
     from imagine.editing.instructions import parse_instruction
+    from imagine.editing.prompts import prompt_for
     from imagine.models.loading import load_components
     from imagine.models.presets import get_preset
     from imagine.models.tiny_vace import ensure_tiny_vace
     from imagine.pipeline.media import read_video, remux_with_source_audio
-    from imagine.pipeline.vace import EDIT_COMPONENTS, InpaintStage, prompt_for
+    from imagine.pipeline.vace import EDIT_COMPONENTS, InpaintStage
 
     instruction = "remove the man walking in the background"
     with tempfile.TemporaryDirectory(prefix="imagine-edit-bench-") as tmp:

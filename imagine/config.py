@@ -411,9 +411,12 @@ class AppConfig(_Strict):
     @field_validator("artifacts")
     @classmethod
     def _check_artifacts(cls, value: str | None) -> str | None:
-        if value is None or value.startswith("s3://"):
-            if value is not None and not value[len("s3://"):].split("/")[0]:
-                raise ValueError(f"artifacts {value!r} has no bucket: use s3://bucket/prefix")
+        if value is None:
+            return value
+        if value.startswith("s3://"):
+            from imagine.storage.s3 import parse_s3_uri  # here, not at the top: config stays a leaf module
+
+            parse_s3_uri(value)
             return value
         if "://" in value:
             raise ValueError(
@@ -454,14 +457,6 @@ class AppConfig(_Strict):
         if self.edit.enabled:
             pools[EDIT_POOL] = self.editor
         return pools
-
-    def pool_preset_name(self, pool: str) -> str:
-        """The model preset a pool's sampler runs: the edit preset for `editor`, the generation one otherwise."""
-        if pool == EDIT_POOL:
-            return self.edit.preset
-        if pool not in self.denoiser_pools():
-            raise ValueError(f"no denoiser pool {pool!r}; pools: {sorted(self.sampler_pools())}")
-        return self.model.preset
 
     @property
     def resolved_database_url(self) -> str:

@@ -7,6 +7,7 @@ path for the tiny model and for real weights.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from imagine.models.presets import (
 from imagine.models.tiny import ensure_tiny_ltx2
 from imagine.models.tiny_grounding import ensure_tiny_grounding
 from imagine.models.tiny_vace import ensure_tiny_vace
+from imagine.storage import s3
 
 # builtin source -> `ensure_*(home) -> model dir` that builds it under home/models once
 BUILTIN_BUILDERS: dict[str, Callable[[Path], Path]] = {
@@ -72,14 +74,8 @@ def _check_model_dir(model_dir: Path, preset: ModelPreset) -> None:
         )
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b/`` -> ``("bucket", "a/b")``."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"source: expected an s3:// URI, got {uri!r}")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"source: S3 URI {uri!r} has no bucket")
-    return bucket, prefix.strip("/")
+# model sources parse with the artifact store's one s3:// parser; their errors name the preset's `source` field
+parse_s3_uri = functools.partial(s3.parse_s3_uri, field="source")
 
 
 def download_s3_model(uri: str, home: Path, endpoint_url: str | None = None) -> Path:

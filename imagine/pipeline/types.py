@@ -65,7 +65,7 @@ def check_can_finish(state: Any) -> None:
         )
 
 
-def _tensors_to_cpu(obj: Any) -> Any:
+def tensors_to_cpu(obj: Any) -> Any:
     """A shallow copy of dataclass `obj` whose tensor fields (and nested stage dataclasses) are on the CPU."""
     changes: dict[str, Any] = {}
     for f in fields(obj):
@@ -151,7 +151,7 @@ class GenerationSpec:
                 raise ValueError("image values must be in [0, 1]")
 
     def to_cpu(self) -> GenerationSpec:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 def prepare_image(image: PIL.Image.Image, width: int, height: int, crf: int = 0) -> torch.Tensor:
@@ -189,7 +189,7 @@ class PromptEmbeddings:
     classifier_free_guidance: bool
 
     def to_cpu(self) -> PromptEmbeddings:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 @dataclass
@@ -227,7 +227,7 @@ class DenoiseState:
         return self.step_index >= self.num_inference_steps
 
     def to_cpu(self) -> DenoiseState:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 @dataclass
@@ -246,7 +246,7 @@ class Latents:
     """State of the request's seeded CPU generator (decode-time noise continues from it, as in diffusers)."""
 
     def to_cpu(self) -> Latents:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 @dataclass

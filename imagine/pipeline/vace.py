@@ -23,17 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagine.editing.prompts import EditInputError, EditPrompt, edit_prompt, prompt_for  # noqa: F401 - re-exported
+from imagine.editing.prompts import EditInputError
 from imagine.pipeline.denoise import StepHook
 from imagine.pipeline.masks import check_frames, check_masks, dilate
 from imagine.pipeline.types import (
-    _tensors_to_cpu,
     check_can_finish,
     check_can_step,
     require_components,
     scheduler_from_state,
     scheduler_state,
     tensors_to,
+    tensors_to_cpu,
 )
 
 VACE_ENCODER_COMPONENTS = ["tokenizer", "text_encoder", "vae"]
@@ -130,7 +130,7 @@ class VaceConditioning:
         return self.negative_embeds is not None
 
     def to_cpu(self) -> VaceConditioning:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 @dataclass
@@ -164,7 +164,7 @@ class VaceLatents:
     geometry: EditGeometry
 
     def to_cpu(self) -> VaceLatents:
-        return _tensors_to_cpu(self)
+        return tensors_to_cpu(self)
 
 
 def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,8 @@ def pool_preset(config: AppConfig, pool: str) -> ModelPreset:
         if preset is None:
             raise ValueError("pool 'editor' needs edits enabled (edit.enabled)")
         return preset
-    config.pool_preset_name(pool)  # raises on an unknown pool
+    if pool not in config.denoiser_pools():
+        raise ValueError(f"no denoiser pool {pool!r}; pools: {sorted(config.sampler_pools())}")
     return served_preset(config)
 
 
@@ -75,8 +76,14 @@ def component_config(config: AppConfig, preset: ModelPreset, component: str) -> 
 
 
 def transformer_config(config: AppConfig) -> dict[str, Any]:
-    """The generation transformer's `config.json` (for the routing cost model), without loading weights."""
-    return component_config(config, served_preset(config), "transformer")
+    """The generation transformer's `config.json` (for the routing cost model), without loading weights; the builtin
+    tiny model's comes from code, so the driver and the ingress replicas build no model for it."""
+    preset = served_preset(config)
+    if preset.is_builtin:
+        from imagine.models.tiny import TRANSFORMER_CONFIG
+
+        return dict(TRANSFORMER_CONFIG)
+    return component_config(config, preset, "transformer")
 
 
 def sampler_class(family: str) -> type:

@@ -17,13 +17,14 @@ from imagine.storage.base import ArtifactNotFound, ArtifactStore, check_key
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's limit for presigned URLs
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); ValueError naming the URI otherwise."""
+def parse_s3_uri(uri: str, field: str = "artifacts") -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"); ValueError naming `field` and the URI otherwise.
+    The one parser of s3:// locations (artifact stores, model sources); no boto3 needed."""
     if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise ValueError(f"{field}: expected an s3:// URI, got {uri!r}")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     if not bucket:
-        raise ValueError(f"s3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+        raise ValueError(f"{field}: S3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
     return bucket, prefix.strip("/")
 
 
