@@ -1,5 +1,5 @@
 """The `imagine` command: `up` runs a local Ray + the app in the foreground; `keys` manages API keys in
-the service's database; `generate`, `status`, `cancel` and `models` talk to a running service over HTTP."""
+the service's database; `db` migrates its schema; `generate`, `status`, `cancel` and `models` talk to a running service over HTTP."""
 
 from __future__ import annotations
 
@@ -196,8 +196,7 @@ def _key_store(args: argparse.Namespace):  # -> KeyStore, imported lazily
     from imagine.jobs.keys import KeyStore
     from imagine.jobs.store import make_engine
 
-    url = args.database_url or _load_config(args.config, {}).resolved_database_url
-    return KeyStore(make_engine(url))
+    return KeyStore(make_engine(_database_url(args)))
 
 
 def _when(ts: float | None) -> str:
@@ -259,6 +258,63 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    return args.database_url or _load_config(args.config, {}).resolved_database_url
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from imagine.jobs.migrate import SchemaError, upgrade
+    from imagine.jobs.store import make_engine
+
+    engine = make_engine(_database_url(args))
+    try:
+        before, after = upgrade(engine, args.revision)
+    except SchemaError as e:
+        print(f"imagine: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"job store schema: {before or 'empty'} -> {after}" if before != after else f"job store schema: {after} (up to date)")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from imagine.jobs.migrate import current_revision, head_revision
+    from imagine.jobs.store import make_engine
+
+    engine = make_engine(_database_url(args))
+    try:
+        with engine.connect() as conn:
+            revision = current_revision(conn)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    state = "up to date" if revision == head else f"this Imagine's head is {head}"
+    print(f"{revision or 'empty (no schema)'} ({state})")
+    return 0
+
+
+def _add_db_parser(sub: argparse._SubParsersAction) -> None:
+    db = sub.add_parser("db", help="job store schema migrations (Alembic)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="migrate the job store to this Imagine's schema (locked: safe to race)")
+    up.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    up.set_defaults(func=cmd_db_upgrade)
+    current = db_sub.add_parser("current", help="print the job store's schema revision")
+    current.set_defaults(func=cmd_db_current)
+    for p in (up, current):
+        _add_database_options(p)
+
+
+def _add_database_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="the service's YAML config (AppConfig fields, or a Serve config file)")
+    where.add_argument(
+        "--database-url", help="SQLAlchemy URL of the job store (default: $IMAGINE_DATABASE_URL, else SQLite under "
+        "$IMAGINE_HOME)"
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -291,9 +347,7 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     revoke.add_argument("key", metavar="PREFIX_OR_ID")
     revoke.set_defaults(func=cmd_keys_revoke)
     for p in (create, listing, revoke):
-        where = p.add_mutually_exclusive_group()
-        where.add_argument("--config", help="the service's YAML config (AppConfig fields, or a Serve config file)")
-        where.add_argument("--database-url", help="SQLAlchemy URL of the job store (default: SQLite under $IMAGINE_HOME)")
+        _add_database_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--api-key", help="API key (Authorization: Bearer)")
     usage.set_defaults(func=cmd_usage)
     _add_keys_parser(sub)
+    _add_db_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATABASE_URL_ENV = "IMAGINE_DATABASE_URL"  # the job store's URL when `database_url` is unset
 
 
 def default_home() -> Path:
@@ -333,7 +334,16 @@ class AppConfig(_Strict):
 
     home: Path = Field(default_factory=default_home, description="Cache, SQLite and local artifact root.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the job store; None = SQLite file `<home>/imagine.db`."
+        None,
+        description="SQLAlchemy URL of the job store; None = `$IMAGINE_DATABASE_URL` (read in each replica, so a "
+        "password can come from the environment, e.g. a Kubernetes Secret, not from the config), else the SQLite "
+        "file `<home>/imagine.db`.",
+    )
+    migrate_on_start: bool = Field(
+        True,
+        description="Each replica migrates the job store to its schema at start (under a lock, so racing replicas "
+        "are safe); off: replicas only check it and refuse an outdated one (run `imagine db upgrade` first). A "
+        "replica always refuses a schema newer than it knows.",
     )
     artifacts: str | None = Field(
         None,
@@ -425,17 +435,6 @@ class AppConfig(_Strict):
             )
         return str(Path(value).expanduser())
 
-    @model_validator(mode="after")
-    def _check_denoiser_min(self) -> "AppConfig":
-        # the denoiser scales on metrics its replicas export: with zero replicas nobody would report demand
-        for name, pool in self.sampler_pools().items():
-            if pool.autoscaling.min_replicas < 1:
-                where = name if name in ("denoiser", "editor") else f"denoiser_variants.{name}"
-                raise ValueError(
-                    f"{where}.autoscaling.min_replicas must be >= 1 (it scales on the queue its replicas report)"
-                )
-        return self
-
     @field_validator("denoiser_variants")
     @classmethod
     def _check_variants(cls, value: dict[str, DenoiserConfig]) -> dict[str, DenoiserConfig]:
@@ -460,7 +459,12 @@ class AppConfig(_Strict):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home / 'imagine.db'}"
+        return self.database_url or os.environ.get(DATABASE_URL_ENV) or self.sqlite_default_url
+
+    @property
+    def sqlite_default_url(self) -> str:
+        """The embedded default job store: the SQLite file `<home>/imagine.db`."""
+        return f"sqlite:///{self.home / 'imagine.db'}"
 
     @property
     def resolved_artifacts(self) -> str:

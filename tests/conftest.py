@@ -221,6 +221,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "unit": (
         "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_edit_api",
         "test_idempotency", "test_instructions", "test_intake", "test_jobs", "test_layering", "test_ledger",
+        "test_migrations",
         "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_routing", "test_storage",
     ),
     "pipeline": (
@@ -230,6 +231,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     "ray": ("test_edit_serving", "test_parallel_serving", "test_placement", "test_ranks", "test_serving"),
     "e2e": ("test_e2e",),
     "gpu": ("test_gpu",),
+    # cluster/ and terraform/ checked offline: kubectl kustomize, Ray's own schemas, terraform, checkov (own venv)
+    "deploy": ("test_cluster_files", "test_terraform"),
 }
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 

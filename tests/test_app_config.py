@@ -12,11 +12,25 @@ def test_unpriced_served_model_is_refused_at_build_time():
         build_app({"accounting": {"price_per_second_usd": {"ltx-2": {"480p": 0.05, "720p": 0.1}}}})
 
 
-def test_denoiser_must_keep_a_replica_and_unknown_fields_fail():
-    with pytest.raises(ValueError, match="min_replicas"):
-        build_app({"denoiser": {"autoscaling": {"min_replicas": 0}}})
+def test_unknown_fields_and_inverted_bounds_fail():
     with pytest.raises(ValueError, match="denoiserr"):
         build_app({"denoiserr": {}})
+    with pytest.raises(ValueError, match=r"min_replicas \(3\) must be <= max_replicas \(2\)"):
+        build_app({"decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+
+
+def test_every_stage_pool_may_scale_to_zero():
+    """min_replicas 0 everywhere a model runs; the denoiser pools keep the queue-depth policy, which reads the store
+    itself (a pool at zero has no replica to report demand) and never carries the database URL from the env."""
+    zero = {"autoscaling": {"min_replicas": 0, "max_replicas": 2}}
+    args = {key: zero for key in ("text_encoder", "denoiser", "decoder", "grounder", "edit_codec", "editor")}
+    args["denoiser_variants"] = {"sp2": {**zero, "parallel": {"sequence": 2}}}
+    deployments = _deployments(build_app(args))
+    for name in ("TextEncoder", "Denoiser", "Denoiser-sp2", "Decoder", "Grounder", "EditCodec", "Editor"):
+        assert deployments[name]._deployment_config.autoscaling_config.min_replicas == 0, name
+    policy = deployments["Denoiser-sp2"]._deployment_config.autoscaling_config.policy
+    assert policy.policy_function == "imagine.serving.autoscaling:QueueDepthPolicy"
+    assert policy.policy_kwargs["pool"] == "sp2" and policy.policy_kwargs["database_url"] is None
 
 
 def test_default_config_builds():

@@ -113,10 +113,15 @@ def test_duration_s_column_and_its_backfill(db_url):
         conn.execute(sa.update(jobs_table).where(jobs_table.c.id == old).values(created_at=now - 3 * 86_400))
         assert store.requested_seconds_since(conn, "acme", None, now - 3600, "none") == pytest.approx(5.5 + 25 / 24)
         assert store.requested_seconds_since(conn, "acme", None, now - 3600, recent[0]) == pytest.approx(3.5 + 25 / 24)
-        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN duration_s")
+        # a table from before migrations: no alembic_version, no duration_s, none of the later revisions' columns
+        for index in ("ix_jobs_sweep_inputs", "ix_jobs_sweep_outputs"):
+            conn.exec_driver_sql(f"DROP INDEX {index}")
+        for column in ("duration_s", "expires_at", "outputs_purged_at", "inputs_purged_at"):
+            conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {column}")
+        conn.exec_driver_sql("DROP TABLE alembic_version")
     store.close()
 
-    store = JobStore(db_url)  # an older table: the column is added and backfilled
+    store = JobStore(db_url)  # an older table: the column is added and backfilled, then it is migrated to head
     with store.engine.connect() as conn:
         rows = dict(conn.execute(sa.select(jobs_table.c.id, jobs_table.c.duration_s)).all())
         assert rows == {recent[0]: 2.0, recent[1]: 3.5, old: 0.0, edit: pytest.approx(25 / 24)}

@@ -11,7 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from imagine.jobs.store import create_tables
+from imagine.jobs.migrate import ensure_schema
 
 MAX_KEY_CHARS = 255
 
@@ -65,7 +65,7 @@ class IdempotencyStore:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.engine = engine
         self.ttl_s = ttl_s
-        create_tables(engine, idempotency_metadata)
+        ensure_schema(engine)
 
     def reserve(self, conn: sa.Connection, tenant: str, key: str, body_hash: str, job_id: str, now: float) -> None:
         """Record `key` -> `job_id` in the caller's transaction. An expired record is forgotten first (expired

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from imagine.config import TIERS, KeyLimits
-from imagine.jobs.store import create_tables
+from imagine.jobs.migrate import ensure_schema
 
 KEY_PREFIX = "im_"
 _VISIBLE_CHARS = 6  # "im_ab12cd": enough to tell keys apart in `imagine keys list`, useless to an attacker
@@ -71,7 +71,7 @@ class KeyStore:
 
     def __init__(self, engine: sa.Engine):
         self.engine = engine
-        create_tables(engine, keys_metadata)
+        ensure_schema(engine)
 
     def create(self, tenant: str, tier: str, limits: KeyLimits | None = None) -> tuple[str, ApiKeyRecord]:
         """A new key for `tenant`; returns (the key, its record). The key is not stored and cannot be shown again."""

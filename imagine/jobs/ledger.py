@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from imagine.config import AccountingConfig
-from imagine.jobs.store import JobRecord, JobStatus, JobStore, create_tables, jobs_table, metadata
+from imagine.jobs.migrate import ensure_schema
+from imagine.jobs.store import JobRecord, JobStatus, JobStore, jobs_table, metadata
 
 GroupBy = Literal["day", "model", "tier"]
 GROUP_BY: tuple[str, ...] = ("day", "model", "tier")
@@ -90,7 +91,7 @@ class Ledger:
             raise ValueError(f"the ledger supports sqlite and postgresql, not {engine.dialect.name!r}")
         self.engine = engine
         self.accounting = accounting
-        create_tables(engine, metadata, [usage_table, billing_table])
+        ensure_schema(engine)
 
     def _insert_ignore(self, table: sa.Table, values: dict[str, Any], conflict_cols: list[str]) -> bool:
         """INSERT ... ON CONFLICT DO NOTHING; True when the row is new."""

@@ -13,14 +13,12 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql
 
 from imagine.jobs.params import JobKind, JobParams, params_for, params_type
 
@@ -55,11 +53,17 @@ jobs_table = sa.Table(
     sa.Column("pool", sa.String(64), nullable=False, default=DEFAULT_POOL),
     # `params.duration` as a column: admission sums a key's requested seconds per day in SQL
     sa.Column("duration_s", sa.Float, nullable=False, default=0.0),
+    # retention: when a done job's outputs are deleted, and when the sweeper deleted its outputs / inputs + work files
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("outputs_purged_at", sa.Float, nullable=True),
+    sa.Column("inputs_purged_at", sa.Float, nullable=True),
     sa.Index("ix_jobs_status_created", "status", "created_at"),
     sa.Index("ix_jobs_queue_heads", "status", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_queue_heads_pool", "status", "pool", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_tenant_created", "tenant", "created_at"),
     sa.Index("ix_jobs_api_key_status", "api_key_id", "status"),
+    sa.Index("ix_jobs_sweep_inputs", "inputs_purged_at", "status"),
+    sa.Index("ix_jobs_sweep_outputs", "outputs_purged_at", "expires_at"),
 )
 
 
@@ -211,78 +215,22 @@ def make_engine(url: str) -> sa.Engine:
 
 
 _ADMISSION_LOCK_KEY = 0x1D_E4_A1_5E  # PostgreSQL advisory lock id of job admission (any constant of ours)
-_BACKFILL_WINDOW_S = 86_400  # admission sums one UTC day of jobs: older rows need no `duration_s`
-
-
-def _add_missing_columns(engine: sa.Engine) -> None:
-    """`create_all` creates missing tables, never missing columns: add the columns this code defines to a
-    `jobs` table written by an older version (nullable ones, or ones with a scalar default)."""
-    existing = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
-    for col in jobs_table.columns:
-        if col.name in existing:
-            continue
-        default = col.default.arg if col.default is not None and col.default.is_scalar else None
-        if not col.nullable and default is None:
-            raise RuntimeError(f"cannot add NOT NULL column jobs.{col.name} without a default to the existing table")
-        ddl = f"ALTER TABLE jobs ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
-        if default is not None:
-            literal = sa.literal(default, col.type).compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
-            ddl += f" NOT NULL DEFAULT {literal}"
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(ddl)
-                backfill = _BACKFILLS.get(col.name)
-                if backfill is not None:
-                    backfill(conn)
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as e:
-            # another replica starting at the same time may have added it first
-            if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
-                raise RuntimeError(f"could not add column jobs.{col.name}: {e}") from e
-
-
-def _backfill_duration_s(conn: sa.Connection) -> None:
-    """`duration_s` of the rows of the last day (all that admission's daily sum reads) from their params JSON,
-    in one UPDATE (SQLite's `json_extract`, PostgreSQL's `->>`)."""
-    j = jobs_table
-    if conn.dialect.name == "postgresql":
-        stored = sa.cast(j.c.params, postgresql.JSONB)["duration"].astext.cast(sa.Float)
-    else:
-        stored = sa.func.json_extract(j.c.params, "$.duration")
-    conn.execute(
-        sa.update(j)
-        .where(j.c.created_at >= time.time() - _BACKFILL_WINDOW_S)
-        .values(duration_s=sa.func.coalesce(stored, 0.0))
-    )
-
-
-# data migrations of a column added to an older table, run in the transaction that adds it
-_BACKFILLS: dict[str, Callable[[sa.Connection], None]] = {"duration_s": _backfill_duration_s}
-
-
-def create_tables(engine: sa.Engine, meta: sa.MetaData, tables: list[sa.Table] | None = None) -> None:
-    """`create_all` that tolerates other processes creating the same tables at the same moment (every
-    replica of a fresh deployment opens the store at once): a lost race is retried, then it finds them."""
-    for attempt in range(5):
-        try:
-            meta.create_all(engine, tables=tables)
-            return
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as e:
-            if "already exists" not in str(e) and "duplicate key" not in str(e) or attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))
 
 
 class JobStore:
     """Jobs as rows; all transitions are atomic conditional updates."""
 
-    def __init__(self, url: str, engine: sa.Engine | None = None):
+    def __init__(self, url: str, engine: sa.Engine | None = None, migrate: bool = True):
+        """`migrate`: bring the schema to this code's head (locked, safe from every replica at once); False: only
+        check it is at head (`imagine db upgrade` ran), refusing an older or newer schema."""
+        from imagine.jobs.migrate import ensure_schema
+
         self.url = url
         self.engine = engine or make_engine(url)
         # SQLite admits one writer; threads of one process queue on this lock instead of on SQLite's
         # busy handler, which sleeps in steps of up to 100 ms (the p99 tail of concurrent creates)
         self._sqlite_writes = threading.Lock() if self.engine.dialect.name == "sqlite" else None
-        create_tables(self.engine, metadata)
-        _add_missing_columns(self.engine)
+        ensure_schema(self.engine, migrate)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -40,7 +40,7 @@ class IngressServer:
         edit_preset = served_edit_preset(config)
         self.service = JobService(
             config,
-            JobStore(config.resolved_database_url),
+            JobStore(config.resolved_database_url, migrate=config.migrate_on_start),
             open_artifact_store(config),
             presets={preset.name: preset},
             default_model=preset.name,
@@ -74,8 +74,16 @@ def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
 
     cfg = config.sampler_pools()[pool]
     opts = cfg.serve_options()
-    # scale on the job queue (exported by the replicas), not on Serve's request counts: see autoscaling.py
-    opts["autoscaling_config"]["policy"] = {"policy_function": POLICY_PATH}
+    # scale on the job queue (read from the store by the controller, so a pool at zero replicas sees its demand) and
+    # the replicas' denoising counts, not on Serve's request counts: see autoscaling.py
+    opts["autoscaling_config"]["policy"] = {
+        "policy_function": POLICY_PATH,
+        "policy_kwargs": {
+            "pool": pool,
+            "database_url": config.database_url,  # None: the controller resolves $IMAGINE_DATABASE_URL itself
+            "sqlite_default": config.sqlite_default_url,
+        },
+    }
     if cfg.parallel.degree > 1:
         device = "cuda" if config.model.device.startswith("cuda") else "cpu"
         declare = device == "cuda" or cfg.num_gpus > 0  # on CPU, num_gpus > 0 models GPU nodes (simulated clusters)

@@ -97,7 +97,7 @@ class SchedulerServer:
         edit_codec: Any = None,
     ):
         self.config = config
-        self.store = JobStore(config.resolved_database_url)
+        self.store = JobStore(config.resolved_database_url, migrate=config.migrate_on_start)
         self.artifacts = open_artifact_store(config)
         self.encoder, self.denoisers, self.decoder = encoder, denoisers, decoder
         self.grounder, self.edit_codec = grounder, edit_codec

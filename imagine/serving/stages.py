@@ -71,7 +71,7 @@ class StageHost:
         self.dtype = torch_dtype(config.model.dtype)
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}-torch")
         self.loaded = self.on_torch_thread(self._load, preset, list(components))
-        self.store = JobStore(config.resolved_database_url)
+        self.store = JobStore(config.resolved_database_url, migrate=config.migrate_on_start)
         self.ledger = Ledger(self.store.engine, config.accounting)
         self.artifacts = open_artifact_store(config)
 
@@ -194,10 +194,9 @@ class DenoiserServer(StageHost):
         self.ledger.record(job, stage, wall_s * self.parallel.degree, self.device)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve autoscaling metrics (see `imagine.serving.autoscaling`): this pool's queue depth and
-        whether this replica is denoising."""
-        depth = await asyncio.to_thread(self.store.queue_depth, self.pool)
-        return {"queued_jobs": float(sum(depth.values())), "denoising": float(self._denoising)}
+        """Serve autoscaling metric (see `imagine.serving.autoscaling`): whether this replica is denoising (the
+        pool's queue depth the policy reads from the store itself)."""
+        return {"denoising": float(self._denoising)}
 
 
 class DecoderServer(StageHost):
