@@ -244,6 +244,20 @@ class S3Config(_Strict):
     )
 
 
+class RetentionConfig(_Strict):
+    """How long artifacts live. A job's inputs, checkpoint and work files are deleted once it ends (done, failed,
+    cancelled or expired: the sweeper finds every ended job, whoever ended it); its output video is deleted
+    `outputs_ttl_s` after it is done, after which its content answers 410 (the job row stays)."""
+
+    outputs_ttl_s: float | None = Field(
+        7 * 86_400, gt=0, description="Seconds a done job's video is kept (default 7 days); null: kept forever."
+    )
+    sweep_interval_s: float = Field(
+        60.0, gt=0, le=86_400, description="How often the scheduler deletes ended jobs' inputs and expired outputs."
+    )
+    sweep_batch: int = Field(500, ge=1, le=10_000, description="Jobs swept per batch (a backlog takes several).")
+
+
 class LimitsConfig(_Strict):
     """Input limits enforced by the API (4xx past them)."""
 
@@ -351,6 +365,9 @@ class AppConfig(_Strict):
         "`s3`); None = `<home>/artifacts`.",
     )
     s3: S3Config = Field(default_factory=lambda: S3Config(), description="The S3 artifact store's client options.")
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig(), description="How long outputs, inputs and checkpoints are kept."
+    )
     public_url: str | None = Field(
         None, description="Base URL clients reach the API at, used for `video.url` (None = from the request)."
     )

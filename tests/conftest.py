@@ -222,7 +222,8 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_edit_api",
         "test_idempotency", "test_instructions", "test_intake", "test_jobs", "test_layering", "test_ledger",
         "test_migrations",
-        "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_routing", "test_storage",
+        "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_retention", "test_routing",
+        "test_storage",
     ),
     "pipeline": (
         "test_dist", "test_grounding", "test_masks", "test_media", "test_models", "test_parallel_sp",

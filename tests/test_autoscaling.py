@@ -6,10 +6,10 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from job_helpers import generation_job
 
 from imagine.jobs import JobStore
 from imagine.serving.autoscaling import QueueDepthPolicy, desired_replicas
-from job_helpers import generation_job
 
 
 def test_desired_replicas_covers_queue_plus_running_within_bounds():

@@ -10,12 +10,12 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from job_helpers import generation_job
 
 from imagine.cli import main as cli
 from imagine.jobs import JobStore
 from imagine.jobs.migrate import SchemaOutdated, SchemaTooNew, current_revision, head_revision, target_metadata, upgrade
 from imagine.jobs.store import jobs_table, make_engine
-from job_helpers import generation_job
 
 
 def _revision(url: str) -> str | None:

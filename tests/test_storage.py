@@ -145,21 +145,21 @@ def test_a_done_job_on_s3_has_a_presigned_url_and_content_streams(tmp_path, s3_s
     job = service.create("generation", GenerationRequest(prompt="a fox", duration=1)).job
     claimed = store.claim(job.id)
     video = bytes(range(256)) * 40
-    service.artifacts.put_bytes(output_video_key(job.id), video)
+    service.artifacts.put_bytes(output_video_key(job.tenant, job.id), video)
     store.complete(job.id, claimed.attempt, {
-        "artifact_key": output_video_key(job.id), "bytes": len(video), "duration_s": 1.0, "width": 864, "height": 480,
+        "artifact_key": output_video_key(job.tenant, job.id), "bytes": len(video), "duration_s": 1.0, "width": 864, "height": 480,
         "fps": 24.0, "num_frames": 25, "audio_duration_s": 1.0, "has_audio": True, "stage_seconds": {},
     })
     before = time.time()
     body = client.get(f"/v1/videos/{job.id}").json()
-    assert body["video"]["url"].startswith(f"{s3_server}/{s3_bucket}/imagine/outputs/{job.id}/video.mp4?")
+    assert body["video"]["url"].startswith(f"{s3_server}/{s3_bucket}/imagine/outputs/default/{job.id}/video.mp4?")
     assert before + 600 - 5 <= body["video"]["expires_at"] <= time.time() + 600
     assert httpx.get(body["video"]["url"]).content == video  # no API key
     assert parse_qs(urlparse(body["video"]["url"]).query)["X-Amz-Expires"] == ["600"]
     ranged = client.get(f"/v1/videos/{job.id}/content", headers={"Range": "bytes=100-199"})
     assert ranged.status_code == 206 and ranged.content == video[100:200]
     assert client.get(f"/v1/videos/{job.id}/content").content == video
-    service.artifacts.delete(output_video_key(job.id))
+    service.artifacts.delete(output_video_key(job.tenant, job.id))
     gone = client.get(f"/v1/videos/{job.id}/content")
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "content_gone"
     store.close()

@@ -95,11 +95,15 @@ class CreatedResponse(BaseModel):
 
 
 class VideoInfo(BaseModel):
-    url: str = Field(
+    url: str | None = Field(
         description="Where to download the MP4: a presigned URL of the artifact store (no API key needed, until "
-        "`expires_at`), or this API's `/v1/videos/{id}/content` (with the API key)."
+        "`expires_at`), or this API's `/v1/videos/{id}/content` (with the API key); null once the video expired "
+        "(retention deleted it)."
     )
-    expires_at: float | None = Field(None, description="When a presigned `url` stops working (unix s); None: no expiry.")
+    expires_at: float | None = Field(
+        None, description="When `url` stops working (unix s): a presigned URL's expiry, or the job's retention "
+        "expiry if sooner; None: no expiry."
+    )
     duration: float
     width: int
     height: int
@@ -137,6 +141,10 @@ class JobResponse(BaseModel):
     started_at: float | None
     finished_at: float | None
     deadline_at: float | None = Field(None, description="Start deadline (unix s); still queued then -> expired.")
+    expires_at: float | None = Field(
+        None, description="When a done job's video is deleted (unix s; `retention.outputs_ttl_s` after it was done); "
+        "afterwards its content answers 410 and the job stays. None: kept."
+    )
     video: VideoInfo | None = None
     error: ErrorInfo | None = None
     usage: Usage | None = Field(None, description="Device-seconds, cost and (done jobs only) price, from the ledger.")

@@ -4,6 +4,7 @@ live in `api.http`, data URIs in `api.intake`, quotas in `scheduling.admission`,
 
 from __future__ import annotations
 
+import datetime
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -205,7 +206,6 @@ class JobService:
 
     def _build_generation(self, req: GenerationRequest, principal: Principal, job_id: str) -> JobDraft:
         """Text (+ first frame) -> video: the model's limits, model-legal sizes, the image as PNG, the pool."""
-        del principal  # generation reads nothing of the caller's
         name = req.model or self.default_model
         if name not in self.presets:
             raise ApiError(
@@ -229,7 +229,7 @@ class JobService:
             width=plan.width,
             height=plan.height,
             num_frames=plan.num_frames,
-            image_key=input_image_key(job_id) if image_png is not None else None,
+            image_key=input_image_key(principal.tenant, job_id) if image_png is not None else None,
         )
         inputs = {params.image_key: image_png} if params.image_key is not None else {}
         return JobDraft(name, params, self._route(params), inputs)
@@ -264,19 +264,20 @@ class JobService:
             source_job = self.get(req.video_id, principal.tenant)
             if source_job.status != JobStatus.DONE or not source_job.result:
                 raise ApiError(409, "video_not_ready", f"job {req.video_id} is {source_job.status.value}; only done videos can be edited", "video_id")
+            self._check_not_expired(source_job, "video_id")
             r = source_job.result
             info = edits.SourceInfo(r["width"], r["height"], r["num_frames"], r["fps"], r["num_frames"] / r["fps"], r.get("has_audio", True))
             source_key, source_field = r["artifact_key"], "video_id"
         else:
             uploaded = decode_video(req.video_url, "video_url", cfg.max_source_bytes)
             info = edits.probe_video(uploaded, "video_url")
-            source_key, source_field = input_source_key(job_id), "video_url"
+            source_key, source_field = input_source_key(principal.tenant, job_id), "video_url"
             inputs[source_key] = uploaded
         edits.check_source_limits(info, source_field, cfg)
         mask, mask_video = edits.check_mask(req.mask, info, cfg.max_source_bytes) if req.mask else (None, None)
         mask_key = None
         if mask_video is not None:
-            mask_key = input_mask_key(job_id)
+            mask_key = input_mask_key(principal.tenant, job_id)
             inputs[mask_key] = mask_video
 
         params = EditParams(
@@ -359,11 +360,18 @@ class JobService:
         video = None
         if job.status == JobStatus.DONE and job.result:
             r = job.result
-            ttl = self.config.s3.presigned_url_ttl_s
-            presigned = self.artifacts.presigned_url(r["artifact_key"], ttl)  # signed here: no request to the store
+            url, expires_at = None, job.expires_at
+            if not job.expired():
+                ttl = self.config.s3.presigned_url_ttl_s
+                if job.expires_at is not None:  # never sign past the video's own expiry
+                    ttl = max(1, min(ttl, int(job.expires_at - time.time())))
+                url = self.artifacts.presigned_url(r["artifact_key"], ttl)  # signed here: no request to the store
+                if url is not None:
+                    expires_at = time.time() + ttl
+                else:
+                    url = f"{(self.config.public_url or base_url).rstrip('/')}/v1/videos/{job.id}/content"
             video = VideoInfo(
-                url=presigned or f"{(self.config.public_url or base_url).rstrip('/')}/v1/videos/{job.id}/content",
-                expires_at=time.time() + ttl if presigned else None,
+                url=url, expires_at=expires_at,
                 duration=r["duration_s"], width=r["width"], height=r["height"], fps=r["fps"], has_audio=r["has_audio"],
             )
         error = ErrorInfo(**job.error) if job.error else None
@@ -373,15 +381,25 @@ class JobService:
         return JobResponse(
             id=job.id, request_id=job.id, kind=job.kind, model=job.model, priority=job.priority, status=job.status.value,
             progress=round(job.progress, 4), created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, deadline_at=job.deadline_at, video=video, error=error, request=request,
+            finished_at=job.finished_at, deadline_at=job.deadline_at, expires_at=job.expires_at, video=video, error=error, request=request,
             usage=Usage(**self.ledger.job_usage(job)),
         )
+
+    @staticmethod
+    def _check_not_expired(job: JobRecord, field: str) -> None:
+        if job.expired():
+            when = datetime.datetime.fromtimestamp(job.expires_at, datetime.UTC).isoformat(timespec="seconds")
+            raise ApiError(
+                410, "video_expired", f"the video of job {job.id} expired at {when} (retention) and was deleted; the "
+                "job's record stays", field,
+            )
 
     def content(self, job_id: str, tenant: str | None = None) -> StoredVideo:
         """The stored video of a done job (409 before it is done, 410 once retention removed it)."""
         job = self.get(job_id, tenant)
         if job.status != JobStatus.DONE or not job.result:
             raise ApiError(409, "video_not_ready", f"job {job_id} is {job.status.value}; content exists once it is done", "id")
+        self._check_not_expired(job, "id")
         key = job.result["artifact_key"]
         try:
             return StoredVideo(key, self.artifacts.size(key))

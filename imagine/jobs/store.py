@@ -126,6 +126,12 @@ class JobRecord:
     api_key_id: str | None = None
     deadline_at: float | None = None
     pool: str = DEFAULT_POOL
+    expires_at: float | None = None  # a done job's outputs are deleted at this time (None: kept)
+    outputs_purged_at: float | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether this job's outputs are past their retention (deleted, or about to be)."""
+        return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
 
 
 def new_job_id() -> str:
@@ -187,6 +193,8 @@ def _row_to_record(row: sa.Row) -> JobRecord:
         api_key_id=m["api_key_id"],
         deadline_at=m["deadline_at"],
         pool=m["pool"],
+        expires_at=m["expires_at"],
+        outputs_purged_at=m["outputs_purged_at"],
     )
 
 
@@ -517,11 +525,14 @@ class JobStore:
             return self.request_cancel(job_id, tenant)
         raise JobStateConflict(job_id, job.status, "cancel")
 
-    def complete(self, job_id: str, attempt: int, result: dict[str, Any]) -> bool:
+    def complete(self, job_id: str, attempt: int, result: dict[str, Any], retain_s: float | None = None) -> bool:
+        """running -> done with its result; its outputs expire `retain_s` after now (None: kept)."""
+        now = time.time()
         return self._transition(
             job_id,
             (JobStatus.RUNNING,),
-            {"status": JobStatus.DONE.value, "result": json.dumps(result), "progress": 1.0, "finished_at": time.time()},
+            {"status": JobStatus.DONE.value, "result": json.dumps(result), "progress": 1.0, "finished_at": now,
+             "expires_at": now + retain_s if retain_s is not None else None},
             attempt,
         )
 
@@ -543,6 +554,43 @@ class JobStore:
             attempt,
             extra=[jobs_table.c.attempt < max_attempts, jobs_table.c.cancel_requested.is_(False)],
         )
+
+    # -- retention (the sweeper: `imagine.storage.retention`) --------------------------------------
+    def ended_unswept(self, limit: int, job_id: str | None = None) -> list[JobRecord]:
+        """Ended jobs (done, failed, cancelled, expired) whose inputs and work files are not deleted yet."""
+        j = jobs_table
+        terminal = [st.value for st in JobStatus if st.terminal]
+        query = sa.select(j).where(j.c.inputs_purged_at.is_(None), j.c.status.in_(terminal))
+        if job_id is not None:
+            query = query.where(j.c.id == job_id)
+        with self.engine.connect() as conn:
+            return [_row_to_record(r) for r in conn.execute(query.order_by(j.c.finished_at).limit(limit))]
+
+    def mark_inputs_purged(self, job_ids: list[str], now: float) -> int:
+        j = jobs_table
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(j).where(j.c.id.in_(job_ids), j.c.inputs_purged_at.is_(None)).values(inputs_purged_at=now)
+            ).rowcount
+
+    def outputs_past_retention(self, now: float, limit: int) -> list[JobRecord]:
+        """Done jobs whose outputs expired and are not deleted yet."""
+        j = jobs_table
+        query = (
+            sa.select(j)
+            .where(j.c.outputs_purged_at.is_(None), j.c.expires_at <= now, j.c.status == JobStatus.DONE.value)
+            .order_by(j.c.expires_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_row_to_record(r) for r in conn.execute(query)]
+
+    def mark_outputs_purged(self, job_ids: list[str], now: float) -> int:
+        j = jobs_table
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(j).where(j.c.id.in_(job_ids), j.c.outputs_purged_at.is_(None)).values(outputs_purged_at=now)
+            ).rowcount
 
     def mark_cancelled(self, job_id: str, attempt: int) -> bool:
         return self._transition(

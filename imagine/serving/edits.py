@@ -78,7 +78,7 @@ def job_masks(job: JobRecord, artifacts: Any, tmp: Path, shape: tuple[int, int, 
         path = tmp / "mask.mp4"
         path.write_bytes(artifacts.read_bytes(params.mask_key))
         return read_video(path).frames.float().mean(dim=-1) > 127.5
-    masks = load_masks(artifacts, grounded_masks_key(job.id))
+    masks = load_masks(artifacts, grounded_masks_key(job.tenant, job.id))
     if tuple(masks.shape) != shape:
         raise RuntimeError(f"job {job.id}'s grounded masks are {tuple(masks.shape)}, its source is {shape}")
     return masks
@@ -86,7 +86,7 @@ def job_masks(job: JobRecord, artifacts: Any, tmp: Path, shape: tuple[int, int, 
 
 def has_grounded_masks(artifacts: Any, job: JobRecord) -> bool:
     try:
-        artifacts.size(grounded_masks_key(job.id))
+        artifacts.size(grounded_masks_key(job.tenant, job.id))
     except ArtifactNotFound:
         return False
     return True
@@ -122,7 +122,7 @@ class GrounderServer(StageHost):
                 source = _read_source(self.artifacts, job.params.source_key, Path(tmp))
             # no dilation here: the codec grows every mask (grounded or explicit) by `edit.dilate_px` itself
             masks, info = self.grounding.masks_for(parsed_instruction(job), source.frames, dilate_px=0)
-            save_masks(self.artifacts, grounded_masks_key(job.id), masks.bool())
+            save_masks(self.artifacts, grounded_masks_key(job.tenant, job.id), masks.bool())
         finally:
             elapsed = time.perf_counter() - started
             self.meter(job, "grounder", elapsed)  # a failed attempt used the device too

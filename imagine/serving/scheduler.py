@@ -25,7 +25,8 @@ from imagine.serving.edits import has_grounded_masks, needs_grounding
 from imagine.serving.ranks import RankFailure
 from imagine.serving.runner import SampleOutcome
 from imagine.storage import ArtifactStore, open_artifact_store
-from imagine.storage.keys import grounded_masks_key, output_video_key
+from imagine.storage.keys import output_video_key
+from imagine.storage.retention import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,23 @@ class SchedulerServer:
         loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self.dispatcher.run_forever())
         self._capacity_task = loop.create_task(self._track_capacity())
+        self.sweeper = Sweeper(self.store, self.artifacts, config.retention.sweep_batch)
+        self._sweep_task = loop.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Retention (`imagine.storage.retention`): every `sweep_interval_s`, delete ended jobs' inputs and work
+        files and expired outputs."""
+        while True:
+            try:
+                await asyncio.to_thread(self.sweeper.sweep)
+            except Exception:  # an artifact-store hiccup: the next pass retries (every step is idempotent)
+                logger.exception("retention sweep failed")
+            await asyncio.sleep(self.config.retention.sweep_interval_s)
+
+    async def sweep(self) -> dict[str, int]:
+        """One retention pass now (operators, tests); returns how many jobs it swept."""
+        counts = await asyncio.to_thread(self.sweeper.sweep)
+        return {"inputs": counts.inputs, "outputs": counts.outputs}
 
     async def _track_capacity(self) -> None:
         """Slots of each pool = its RUNNING replicas x their concurrency. A replica that cannot be placed (no
@@ -184,8 +202,7 @@ class SchedulerServer:
             if caused_by(e, GroundingError):
                 code = "target_not_found"
             if await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e)):
-                # a failed job never resumes: its checkpoint and work files go with it
-                await self._discard(job.checkpoint_key, grounded_masks_key(job.id) if job.kind == "edit" else None)
+                await self._ended(job)  # a failed job never resumes: its inputs, checkpoint and work files go
 
     def _pool(self, job: JobRecord) -> Any:
         denoiser = self.denoisers.get(job.pool)
@@ -200,15 +217,14 @@ class SchedulerServer:
         conditioning: Any,
         release_slot: Callable[[], None],
         output: Callable[[Any], Awaitable[dict[str, Any]]],
-        work_keys: tuple[str, ...] = (),
     ) -> None:
         """The part every job kind shares: sample on the job's pool, free the slot, then finish by outcome:
         cancelled; preempted (re-queued with its checkpoint); or done -> `output(sampled)` -> complete + bill."""
         outcome: SampleOutcome = await self._pool(job).denoise.remote(job, request, conditioning)
         release_slot()  # the pool is free: the next job may start while this one decodes
         if outcome.status == "cancelled":
-            await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt)
-            await self._discard(job.checkpoint_key, *work_keys)
+            if await asyncio.to_thread(self.store.mark_cancelled, job.id, job.attempt):
+                await self._ended(job)
             return
         if outcome.status == "preempted":
             await asyncio.to_thread(self.store.requeue_preempted, job.id, job.attempt, outcome.checkpoint_key)
@@ -216,16 +232,20 @@ class SchedulerServer:
             return
         result = await output(outcome.output)
         result["stage_seconds"]["denoise"] = outcome.seconds
-        if not await asyncio.to_thread(self.store.complete, job.id, job.attempt, result):
+        retain_s = self.config.retention.outputs_ttl_s
+        if not await asyncio.to_thread(self.store.complete, job.id, job.attempt, result, retain_s):
             logger.info("job %s attempt %d finished but is no longer current; result dropped", job.id, job.attempt)
             return
         await asyncio.to_thread(self.ledger.bill, job, result["duration_s"])
-        await self._discard(job.checkpoint_key, *work_keys)
+        await self._ended(job)
 
-    async def _discard(self, *keys: str | None) -> None:
-        for key in keys:
-            if key:
-                await asyncio.to_thread(self.artifacts.delete, key)
+    async def _ended(self, job: JobRecord) -> None:
+        """The job just ended here: its inputs, checkpoint and work files go now (the periodic sweep would find them
+        too, and does for jobs ended elsewhere: cancelled while queued, expired)."""
+        try:
+            await asyncio.to_thread(self.sweeper.sweep_job, job.id)
+        except Exception:  # the periodic sweep retries
+            logger.exception("could not delete the scratch files of job %s", job.id)
 
     async def _run_generation(self, job: JobRecord, release_slot: Callable[[], None]) -> None:
         spec = await asyncio.to_thread(spec_from_job, job, self.artifacts)
@@ -233,7 +253,7 @@ class SchedulerServer:
         embeddings = self.encoder.encode.remote(job, spec.prompt, spec.negative_prompt, spec.do_classifier_free_guidance)
 
         async def decode(latents: Any) -> dict[str, Any]:
-            return await self.decoder.decode.remote(job, latents, output_video_key(job.id))
+            return await self.decoder.decode.remote(job, latents, output_video_key(job.tenant, job.id))
 
         await self._sample(job, spec, embeddings, release_slot, decode)
 
@@ -244,9 +264,7 @@ class SchedulerServer:
             raise RuntimeError("this app does not deploy the edit path")
         spec = edit_spec_from_job(job)
         grounding_s = 0.0
-        work_keys: tuple[str, ...] = ()
         if needs_grounding(job):
-            work_keys = (grounded_masks_key(job.id),)
             if not await asyncio.to_thread(has_grounded_masks, self.artifacts, job):  # a resumed job has them
                 if self.grounder is None:
                     raise RuntimeError("this app does not deploy the grounder")
@@ -254,8 +272,8 @@ class SchedulerServer:
         conditioning = self.edit_codec.encode.remote(job, spec)  # resolved in the editor pool's replica
 
         async def decode(sampled: Any) -> dict[str, Any]:
-            result = await self.edit_codec.decode.remote(job, sampled, output_video_key(job.id))
+            result = await self.edit_codec.decode.remote(job, sampled, output_video_key(job.tenant, job.id))
             result["stage_seconds"]["grounding"] = grounding_s
             return result
 
-        await self._sample(job, spec, conditioning, release_slot, decode, work_keys)
+        await self._sample(job, spec, conditioning, release_slot, decode)

@@ -176,7 +176,7 @@ class DenoiserServer(StageHost):
         try:
             outcome = await self.run_on_torch_thread(
                 functools.partial(
-                    self.runner.run, request, conditioning, report, checkpoint_key=checkpoint_key(job.id),
+                    self.runner.run, request, conditioning, report, checkpoint_key=checkpoint_key(job.tenant, job.id),
                     resume_from=job.checkpoint_key, label=f"job {job.id}",
                 )
             )

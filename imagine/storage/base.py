@@ -43,6 +43,11 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None:
         """Remove `key` if present."""
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Remove every key that is present (idempotent)."""
+        for key in keys:
+            self.delete(key)
+
     def iter_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 16) -> Iterator[bytes]:
         """Bytes [start, end] inclusive, in chunks (HTTP Range semantics)."""
         with self.open(key) as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -55,4 +56,10 @@ class LocalArtifactStore(ArtifactStore):
             raise ArtifactNotFound(key) from e
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # drop the job's folder the key emptied (`inputs/<tenant>/<job>/`): only that one, never a shared parent a
+        # concurrent writer may be creating a sibling in
+        if path.parent != self.root:
+            with contextlib.suppress(OSError):  # not empty, or gone
+                path.parent.rmdir()

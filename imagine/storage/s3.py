@@ -108,6 +108,15 @@ class S3ArtifactStore(ArtifactStore):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))  # idempotent: S3 answers 204 either way
 
+    def delete_many(self, keys: list[str]) -> None:
+        """One DeleteObjects request per 1000 keys (S3's limit); absent keys count as deleted."""
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            errors = answer.get("Errors") or []
+            if errors:
+                raise RuntimeError(f"S3 could not delete {len(errors)} objects, e.g. {errors[0]}")
+
     def presigned_url(self, key: str, expires_s: int) -> str:
         """A GET URL for `key` that works without credentials until `expires_s` seconds from now."""
         if not 1 <= expires_s <= MAX_PRESIGN_S:
