@@ -4,6 +4,7 @@ the service's database; `db` migrates its schema; `generate`, `status`, `cancel`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -51,6 +52,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _ray_on_loopback():  # noqa: ANN202
+    """Start a local Ray whose own services (GCS, raylet, object manager, workers, agents) listen on 127.0.0.1 only.
+
+    Ray replaces a loopback node address by the machine's address (`services.resolve_ip_for_localhost`) so that other
+    machines could join, and its servers then listen on every interface (measured with Ray 2.60: GCS and raylet on
+    `::`, the agents on 0.0.0.0 and the machine's address; ../shared/FINDINGS.md). `imagine up` is one machine: while
+    it starts Ray, loopback stays loopback, and every Ray server binds 127.0.0.1."""
+    from ray._private import services
+
+    resolve = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host if services.is_localhost(host) else resolve(host)
+    try:
+        yield "127.0.0.1"
+    finally:
+        services.resolve_ip_for_localhost = resolve
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     config = _load_config(args.config, {"model.preset": args.preset, "home": args.home})
     if "enabled" not in config.auth.model_fields_set:
@@ -73,7 +92,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         config.model.torch_threads = args.num_cpus or os.cpu_count() or 1
     url = f"http://{args.host}:{args.port}"
     print(f"imagine: starting Ray + Serve (model {config.model.preset!r}, state in {config.home}) ...", flush=True)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    with _ray_on_loopback() as node_ip:  # the API is the one thing `--host` exposes; Ray's control plane never
+        ray.init(
+            num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING", _node_ip_address=node_ip,
+            runtime_env={"worker_process_setup_hook": "imagine.serving.loopback.bind_serve_replicas_to_loopback"},
+        )
     stop = threading.Event()
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

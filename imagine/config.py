@@ -59,6 +59,9 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(1.0, gt=0, description="Per-replica load the autoscaler aims for.")
     upscale_delay_s: float = Field(3.0, ge=0, description="Seconds of sustained load before adding replicas.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before removing replicas.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds idle before the last replica goes (min_replicas 0); None: downscale_delay_s."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "AutoscalingConfig":

@@ -81,6 +81,32 @@ def _stop(proc: subprocess.Popen, timeout: float = 90) -> int:
         raise AssertionError("`imagine up` did not stop on Ctrl-C")
 
 
+def _assert_listens_on_loopback_only(proc: subprocess.Popen) -> None:
+    """`imagine up` and every process it started (GCS, raylet, Serve's controller and proxy, replicas, agents)
+    listen on loopback addresses only: nothing of Ray's control plane or the API is reachable from the network."""
+    import ipaddress
+
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    listening = set()
+    for p in tree:
+        try:
+            listening |= {(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # the check sees Ray's own servers
+    exposed = sorted(entry for entry in listening if not loopback(entry[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
 def test_imagine_up_generate_status_and_restart(tmp_path):
     home = tmp_path / "home"
     ensure_tiny_ltx2(home)
@@ -90,6 +116,7 @@ def test_imagine_up_generate_status_and_restart(tmp_path):
     proc = _start_up(home, port, log)
     try:
         _wait_healthy(url, proc)
+        _assert_listens_on_loopback_only(proc)
         out = tmp_path / "clip.mp4"
         gen = subprocess.run(
             [str(BIN / "imagine"), "generate", "a cat playing piano", "--duration", "1", "--steps", "3",

@@ -2,7 +2,9 @@
 worker nodes declaring 2 GPUs each, ranks running on CPU. A group's ranks share one node; two groups fill both
 nodes; a third cannot be placed (PlacementTimeout, nothing leaked) until a node joins. Through Ray Serve, a
 replica declared with `rank_bundles` starts its ranks inside its own placement group, on its own node; with the
-whole app, a parallel replica that cannot be placed stays pending and its jobs stay queued until a node frees."""
+whole app, a parallel replica that cannot be placed stays pending and its jobs stay queued until a node frees; and
+the production shape (PostgreSQL, S3, no shared disk, stages spread over both nodes) with a denoiser pool that
+scales from zero and back."""
 
 from __future__ import annotations
 
@@ -82,7 +84,11 @@ def cluster() -> Iterator[tuple[Cluster, str]]:
             for _ in range(2):
                 c.add_node(num_cpus=NODE_CPUS, num_gpus=GPUS_PER_NODE, temp_dir=temp_dir)
             tests_dir = os.path.dirname(os.path.abspath(__file__))  # workers import the rank objects from here
-            ray.init(address=c.address, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+            # fake AWS credentials for the loopback S3 server (moto accepts any): the nodes started before the
+            # `s3_server` fixture put them in this process's environment, so the job's workers get them here
+            fake_aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+            ray.init(address=c.address, logging_level="ERROR",
+                     runtime_env={"env_vars": {"PYTHONPATH": tests_dir, **fake_aws}})
             yield c, temp_dir
         finally:
             ray.shutdown()
@@ -250,5 +256,109 @@ def test_jobs_wait_queued_for_an_unplaced_parallel_replica(cluster: tuple[Cluste
         served.http.close()
         for g in blockers:
             g.shutdown()
+        serve.shutdown()
+    wait_until(lambda: not live_placement_groups(), 60, "Serve's placement groups removed")
+
+
+def _upload_dir(s3_server: str, bucket: str, prefix: str, folder) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def _nodes_of(deployments: set[str]) -> dict[str, set[str]]:
+    """Serve deployment -> the nodes its live replicas run on (from the GCS actor table; no dashboard needed)."""
+    import ray._private.state
+
+    where: dict[str, set[str]] = {}
+    for actor in ray._private.state.actors().values():
+        name = actor.get("Name") or ""  # SERVE_REPLICA::imagine#Decoder#<id>
+        if actor.get("State") != "ALIVE" or not name.startswith("SERVE_REPLICA::"):
+            continue
+        deployment = name.split("#")[1]
+        if deployment in deployments:
+            where.setdefault(deployment, set()).add(actor["Address"]["NodeID"])
+    return where
+
+
+def test_no_shared_disk_generate_and_edit_across_nodes_scaling_from_zero(
+    cluster: tuple[Cluster, str], tmp_path, postgresql_url: str, s3_server: str, s3_bucket: str
+) -> None:
+    """Production's shape on two (simulated) GPU nodes: PostgreSQL as the store, S3 for artifacts and weights, no
+    local artifacts dir, four 1-GPU stages that cannot share one node. The default denoiser pool starts at zero
+    replicas: a job's queued demand (read from the store by the autoscaling policy) brings one up, the job and an
+    edit of its video finish, the video downloads by its presigned URL without the API key, and the idle pool goes
+    back to zero."""
+    import boto3
+    import httpx
+    from serve_helpers import SMALL, Served, free_port, small_config
+
+    from imagine.models.tiny import build_tiny_ltx2
+    from imagine.models.tiny_grounding import build_tiny_grounding
+    from imagine.models.tiny_vace import build_tiny_vace
+    from imagine.serving.app import build_app
+
+    weights = tmp_path / "weights"
+    sources = {name: _upload_dir(s3_server, s3_bucket, f"models/{name}", build(weights / name))
+               for name, build in (("tiny", build_tiny_ltx2), ("tiny-vace", build_tiny_vace),
+                                   ("tiny-grounding", build_tiny_grounding))}
+    home = tmp_path / "node-cache"  # each replica's own cache of the weights it downloads: nobody else reads it
+    one_gpu = {"num_gpus": 1}
+    config = small_config(
+        home,
+        stage_cpus=0.05,
+        database_url=postgresql_url,
+        artifacts=f"s3://{s3_bucket}/imagine",
+        s3={"endpoint_url": s3_server, "presigned_url_ttl_s": 900},
+        model={"source": sources["tiny"], "s3_endpoint_url": s3_server},
+        edit={"enabled": True, "source": sources["tiny-vace"], "grounding_source": sources["tiny-grounding"],
+              "max_work_pixels": 160 * 160, "default_steps": 2},
+        ingress={"num_cpus": 0.05},
+        text_encoder=one_gpu,
+        decoder=one_gpu,
+        editor=one_gpu,
+        denoiser={**one_gpu, "autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
+                                             "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    served = Served(config, port)
+
+    def denoisers() -> dict[str, int]:
+        states = serve.status().applications["imagine"].deployments["Denoiser"].replica_states
+        return {_name(k): v for k, v in states.items() if v}
+
+    try:
+        served.deploy()
+        assert denoisers() == {}  # deployed at zero
+        source_id = served.submit(seed=3, **SMALL)
+        source = served.wait_terminal(source_id, timeout=300)
+        assert source["status"] == "done", source
+        cold_start_s = source["started_at"] - source["created_at"]
+        print(f"\ncold start (first job's queue wait from zero denoiser replicas): {cold_start_s:.1f} s")
+
+        edit = served.http.post("/v1/videos/edits", json={
+            "video_id": source_id, "prompt": "remove the drum", "mask": {"boxes": [[96, 160, 256, 352]]}, "seed": 1})
+        assert edit.status_code == 202, edit.text
+        edited = served.wait_terminal(edit.json()["request_id"], timeout=300)
+        assert edited["status"] == "done", edited
+
+        nodes = _nodes_of({"TextEncoder", "Decoder", "Editor"})
+        assert set().union(*nodes.values()) == gpu_node_ids(), nodes  # 1-GPU stages on both GPU nodes
+        for job in (source, edited):
+            url = served.job(job["id"])["video"]["url"]
+            assert url.startswith(f"{s3_server}/{s3_bucket}/imagine/outputs/default/{job['id']}/video.mp4?"), url
+            assert httpx.get(url, timeout=30).content[4:8] == b"ftyp"  # an MP4, without the API key
+        keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+            Bucket=s3_bucket, Prefix="imagine/")["Contents"]}
+        assert {f"imagine/outputs/default/{j['id']}/video.mp4" for j in (source, edited)} <= keys
+        assert not (home / "artifacts").exists() and not (home / "imagine.db").exists()  # no local state at all
+
+        wait_until(lambda: denoisers() == {}, 90, "the idle denoiser pool back at zero replicas")
+    finally:
+        served.http.close()
         serve.shutdown()
     wait_until(lambda: not live_placement_groups(), 60, "Serve's placement groups removed")
