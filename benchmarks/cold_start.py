@@ -49,7 +49,8 @@ def queue_wait(http: httpx.Client, body: dict) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--idle-s", type=float, default=3.0, help="downscale_to_zero_delay_s of the pool")
+    parser.add_argument("--idle-s", type=float, default=20.0,
+                        help="downscale_to_zero_delay_s of the pool (longer than a job's decode, or the warm job finds it gone)")
     args = parser.parse_args()
     small = {"num_cpus": 0.25, "max_ongoing_requests": 1}
     overrides = {

@@ -291,7 +291,7 @@ def test_no_shared_disk_generate_and_edit_across_nodes_scaling_from_zero(
     local artifacts dir, four 1-GPU stages that cannot share one node. The default denoiser pool starts at zero
     replicas: a job's queued demand (read from the store by the autoscaling policy) brings one up, the job and an
     edit of its video finish, the video downloads by its presigned URL without the API key, and the idle pool goes
-    back to zero."""
+    back to zero. The decoder starts at zero as well, brought up by Serve's own policy on its first request."""
     import boto3
     import httpx
     from serve_helpers import SMALL, Served, free_port, small_config
@@ -318,7 +318,8 @@ def test_no_shared_disk_generate_and_edit_across_nodes_scaling_from_zero(
               "max_work_pixels": 160 * 160, "default_steps": 2},
         ingress={"num_cpus": 0.05},
         text_encoder=one_gpu,
-        decoder=one_gpu,
+        # a plain stage at zero too: Serve's own policy starts it on the first request queued at its handle
+        decoder={**one_gpu, "autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0}},
         editor=one_gpu,
         denoiser={**one_gpu, "autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
                                              "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2}},
@@ -327,13 +328,13 @@ def test_no_shared_disk_generate_and_edit_across_nodes_scaling_from_zero(
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     served = Served(config, port)
 
-    def denoisers() -> dict[str, int]:
-        states = serve.status().applications["imagine"].deployments["Denoiser"].replica_states
+    def replicas(deployment: str = "Denoiser") -> dict[str, int]:
+        states = serve.status().applications["imagine"].deployments[deployment].replica_states
         return {_name(k): v for k, v in states.items() if v}
 
     try:
         served.deploy()
-        assert denoisers() == {}  # deployed at zero
+        assert replicas() == {} and replicas("Decoder") == {}  # deployed at zero
         source_id = served.submit(seed=3, **SMALL)
         source = served.wait_terminal(source_id, timeout=300)
         assert source["status"] == "done", source
@@ -357,7 +358,7 @@ def test_no_shared_disk_generate_and_edit_across_nodes_scaling_from_zero(
         assert {f"imagine/outputs/default/{j['id']}/video.mp4" for j in (source, edited)} <= keys
         assert not (home / "artifacts").exists() and not (home / "imagine.db").exists()  # no local state at all
 
-        wait_until(lambda: denoisers() == {}, 90, "the idle denoiser pool back at zero replicas")
+        wait_until(lambda: replicas() == {}, 90, "the idle denoiser pool back at zero replicas")
     finally:
         served.http.close()
         serve.shutdown()
