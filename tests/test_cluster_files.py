@@ -51,7 +51,9 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     kubectl = _kubectl()
     out = {}
     for name, path in KUSTOMIZATIONS.items():
-        proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(path)], check=False, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
         out[name] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
     return out
@@ -83,7 +85,11 @@ def _app_config(ray_service: dict) -> AppConfig:
 
 
 def _secret_keys(docs: list[dict]) -> dict[str, set[str]]:
-    return {d["metadata"]["name"]: set(d.get("data", {})) | set(d.get("stringData", {})) for d in docs if d["kind"] == "Secret"}
+    return {
+        d["metadata"]["name"]: set(d.get("data", {})) | set(d.get("stringData", {}))
+        for d in docs
+        if d["kind"] == "Secret"
+    }
 
 
 def _autoscaling_config(ray_service: dict) -> dict:
@@ -151,7 +157,10 @@ def test_serve_config_args_are_a_production_app_config(rendered, name, monkeypat
     config = _app_config(_ray_service(rendered[name]))
     assert config.model.device == "cuda" and config.model.dtype == "bfloat16"
     assert (served_preset(config).name, served_edit_preset(config).name, served_grounding_preset(config).name) == (
-        "ltx-2", "wan-vace", "grounding")
+        "ltx-2",
+        "wan-vace",
+        "grounding",
+    )
     for preset in ("ltx-2", "wan-vace"):  # what build_app checks before it binds anything
         assert {"480p", "720p"} <= set(config.accounting.price_per_second_usd[preset]), preset
     assert get_preset(config.edit.grounding_preset).family == "grounding"
@@ -172,8 +181,14 @@ def test_serve_config_args_are_a_production_app_config(rendered, name, monkeypat
 
 def test_gke_serve_config_differs_from_the_base_in_storage_only(rendered):
     """The GKE overlay replaces the Serve config (Cloud Storage via its S3 API); pools and sizing stay the base's."""
-    storage = {("artifacts",), ("s3",), ("model", "source"), ("model", "s3_endpoint_url"), ("edit", "source"),
-               ("edit", "grounding_source")}
+    storage = {
+        ("artifacts",),
+        ("s3",),
+        ("model", "source"),
+        ("model", "s3_endpoint_url"),
+        ("edit", "source"),
+        ("edit", "grounding_source"),
+    }
 
     def without_storage(config: dict) -> dict:
         config = copy.deepcopy(config)
@@ -246,8 +261,10 @@ def test_ray_cluster_spec(rendered, name):
 
 def test_overlays_pin_their_clouds_gpu_nodes(rendered):
     selectors = {
-        "eks": {"gpu-1": {"node.kubernetes.io/instance-type": "p5.4xlarge"},
-                "gpu-4": {"node.kubernetes.io/instance-type": "p5.48xlarge"}},
+        "eks": {
+            "gpu-1": {"node.kubernetes.io/instance-type": "p5.4xlarge"},
+            "gpu-4": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+        },
         "gke": {g: {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"} for g in GPU_GROUPS},
     }
     identity = {"eks": "eks.amazonaws.com/role-arn", "gke": "iam.gke.io/gcp-service-account"}
@@ -378,7 +395,9 @@ def test_bin_pack_refuses_a_pool_no_node_can_hold(rendered):
     node_types = _kuberay_node_types(ray_service)
     sp8 = copy.deepcopy(args)
     sp8["denoiser_variants"]["sp8"] = {
-        "num_cpus": 1, "num_gpus": 1, "parallel": {"sequence": 8, "cpus_per_rank": 4},
+        "num_cpus": 1,
+        "num_gpus": 1,
+        "parallel": {"sequence": 8, "cpus_per_rank": 4},
         "autoscaling": {"min_replicas": 0, "max_replicas": 1},
     }
     demands, per_replica = _demands(AppConfig.model_validate(sp8), "max")
@@ -386,7 +405,8 @@ def test_bin_pack_refuses_a_pool_no_node_can_hold(rendered):
     assert residual == [per_replica["sp8"]] and per_replica["sp8"]["GPU"] == 8
     too_many = copy.deepcopy(args)
     too_many["denoiser"]["autoscaling"]["max_replicas"] = 1 + sum(
-        n["max_workers"] * n["resources"].get("GPU", 0) for n in node_types.values())
+        n["max_workers"] * n["resources"].get("GPU", 0) for n in node_types.values()
+    )
     _, residual = _pack(node_types, _demands(AppConfig.model_validate(too_many), "max")[0])
     assert residual and all(d.get("GPU") == 1 for d in residual)
 
@@ -425,7 +445,8 @@ def test_launcher_node_types_hold_the_serve_config(launcher):
     node_types = copy.deepcopy(prepared["available_node_types"])
     node_types[HEAD] = node_types.pop(prepared["head_node_type"])
     config = AppConfig.model_validate(
-        yaml.safe_load((CLUSTER / "base" / "serve-config.yaml").read_text())["applications"][0]["args"])
+        yaml.safe_load((CLUSTER / "base" / "serve-config.yaml").read_text())["applications"][0]["args"]
+    )
     for at in ("min", "max"):
         counts, residual = _pack(node_types, _demands(config, at)[0])
         assert not residual, (at, residual, counts)
@@ -461,8 +482,11 @@ def test_only_the_serve_port_is_exposed(rendered, name):
 def test_network_policy_fences_the_ray_ports(rendered, name):
     docs = rendered[name]
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
-    deny = [p for p in policies.values() if p["podSelector"] == {} and p["policyTypes"] == ["Ingress"]
-            and not p.get("ingress")]
+    deny = [
+        p
+        for p in policies.values()
+        if p["podSelector"] == {} and p["policyTypes"] == ["Ingress"] and not p.get("ingress")
+    ]
     assert deny, "no default-deny ingress policy"
     ray_policy = policies["imagine-ray"]
     assert ray_policy["podSelector"]["matchLabels"].items() <= RAY_POD_LABELS.items()
@@ -472,7 +496,9 @@ def test_network_policy_fences_the_ray_ports(rendered, name):
         ports = {p["port"] for p in rule.get("ports", [])}
         if not rule.get("from"):  # from anywhere: Serve's port only
             assert ports == {SERVE_PORT}, rule
-        elif ports:
+        elif not ports:  # every port: the Ray pods themselves only
+            assert rule["from"] == [{"podSelector": {"matchLabels": ray_policy["podSelector"]["matchLabels"]}}], rule
+        else:
             assert not ports & {6379, 10001}, rule  # GCS and Ray client: Ray pods only
     peers = [peer for rule in ray_policy["ingress"] for peer in rule.get("from", [])]
     assert {"podSelector": {"matchLabels": ray_policy["podSelector"]["matchLabels"]}} in peers
@@ -516,9 +542,24 @@ def test_checkov_finds_nothing_unaccounted(rendered, tmp_path):
     _write_scan_tree(rendered, tmp_path / "scan", skips)
     global_skips = ",".join(s["id"] for s in skips if s["pods"] == "all")
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "checkov.sh"), "-d", str(tmp_path / "scan"), "--framework", "kubernetes",
-         "--compact", "-o", "json", "--skip-download", "--skip-check", global_skips],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+        [
+            str(ROOT / "scripts" / "checkov.sh"),
+            "-d",
+            str(tmp_path / "scan"),
+            "--framework",
+            "kubernetes",
+            "--compact",
+            "-o",
+            "json",
+            "--skip-download",
+            "--skip-check",
+            global_skips,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
     )
     assert proc.stdout.strip(), f"checkov printed no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     reports = json.loads(proc.stdout)
@@ -541,10 +582,22 @@ def _kubernetes_validate() -> Path:
     venv = ROOT / ".venv-checkov"
     binary = venv / "bin" / "kubernetes-validate"
     if not binary.exists():
-        subprocess.run([str(ROOT / "scripts" / "checkov.sh"), "--version"], check=True, capture_output=True,
-                       timeout=900)
-        subprocess.run(["flock", str(ROOT / ".venv-checkov.lock"), str(venv / "bin" / "pip"), "install", "-q",
-                        "kubernetes-validate==1.37.0"], check=True, capture_output=True, timeout=900)
+        subprocess.run(
+            [str(ROOT / "scripts" / "checkov.sh"), "--version"], check=True, capture_output=True, timeout=900
+        )
+        subprocess.run(
+            [
+                "flock",
+                str(ROOT / ".venv-checkov.lock"),
+                str(venv / "bin" / "pip"),
+                "install",
+                "-q",
+                "kubernetes-validate==1.37.0",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
     return binary
 
 
@@ -557,21 +610,32 @@ def test_pod_templates_and_core_objects_validate_strictly(rendered, tmp_path):
     for name, docs in rendered.items():
         ray_service = _ray_service(docs)
         templates = [
-            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-{g}", "namespace": NAMESPACE},
-             "template": group["template"]}
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{name}-{g}", "namespace": NAMESPACE},
+                "template": group["template"],
+            }
             for g, group in _groups(ray_service).items()
         ]
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump_all(templates + [d for d in docs if d["kind"] in core]))
         files.append(str(path))
-    proc = subprocess.run([str(binary), "-k", KUBERNETES_VERSION, "--strict", "--quiet", *files],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(binary), "-k", KUBERNETES_VERSION, "--strict", "--quiet", *files],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # -- monitoring: the names it uses exist, Ray's dashboards are the pinned Ray's ----------------------------------------
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("generate_dashboards", CLUSTER / "monitoring" / "generate_dashboards.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_dashboards", CLUSTER / "monitoring" / "generate_dashboards.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -605,7 +669,9 @@ def exported_metrics(tmp_path_factory) -> set[str]:
 
     store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('metrics') / 'jobs.db'}")
     try:
-        names = _sample_names(DatabaseCollector(store, Ledger(store.engine, AccountingConfig()), AccountingConfig()).collect())
+        names = _sample_names(
+            DatabaseCollector(store, Ledger(store.engine, AccountingConfig()), AccountingConfig()).collect()
+        )
     finally:
         store.close()
     return names | _sample_names(AutoscalerPrometheusMetrics(session_name="offline").registry.collect())
@@ -614,7 +680,7 @@ def exported_metrics(tmp_path_factory) -> set[str]:
 def _ray_source_metric(name: str) -> bool:
     """A `ray_...` sample name is one of Ray's own metrics: its base name (no `ray_` prefix, no type suffix) is a
     metric name in the installed Ray's Serve or core sources."""
-    base = name[len("ray_"):]
+    base = name[len("ray_") :]
     candidates = {base} | {base[: -len(s)] for s in ("_total", "_bucket", "_count", "_sum") if base.endswith(s)}
     sources = _ray_sources()
     return any(f'"{c}"' in sources for c in candidates)
@@ -626,8 +692,9 @@ _RAY_SOURCES: list[str] = []
 def _ray_sources() -> str:
     if not _RAY_SOURCES:
         root = Path(ray.__file__).parent
-        _RAY_SOURCES.append("\n".join(p.read_text(errors="ignore") for d in ("serve", "_private")
-                                      for p in (root / d).rglob("*.py")))
+        _RAY_SOURCES.append(
+            "\n".join(p.read_text(errors="ignore") for d in ("serve", "_private") for p in (root / d).rglob("*.py"))
+        )
     return _RAY_SOURCES[0]
 
 
@@ -660,9 +727,16 @@ def test_alerts_and_dashboard_use_only_exported_metrics(rendered, exported_metri
             assert known, f"{where}: {metric} is exported by neither imagine nor the installed Ray"
         used |= names
     # what the alerts and the dashboard are for: queue age/depth, pending capacity, failures, cost, cold starts
-    for metric in ("imagine_queue_depth", "imagine_queue_wait_seconds_bucket", "imagine_jobs_finished",
-                   "imagine_device_seconds_total", "imagine_cost_usd_total", "autoscaler_pending_nodes",
-                   "ray_serve_autoscaling_target_replicas", "ray_serve_deployment_replica_starts_total"):
+    for metric in (
+        "imagine_queue_depth",
+        "imagine_queue_wait_seconds_bucket",
+        "imagine_jobs_finished",
+        "imagine_device_seconds_total",
+        "imagine_cost_usd_total",
+        "autoscaler_pending_nodes",
+        "ray_serve_autoscaling_target_replicas",
+        "ray_serve_deployment_replica_starts_total",
+    ):
         assert metric in used, metric
     assert not _ray_source_metric("ray_serve_no_such_metric_total")  # the check can fail
 
@@ -683,7 +757,14 @@ def test_monitors_select_what_the_pods_expose(rendered):
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= serve["metadata"]["labels"].items()
     (endpoint,) = service_monitor["spec"]["endpoints"]
     assert endpoint["port"] == "serve" and endpoint["path"] == "/metrics"
-    dashboards = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"
-                  and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"}
-    assert dashboards == {"grafana-dashboard-imagine", "grafana-dashboard-ray-default", "grafana-dashboard-ray-serve",
-                          "grafana-dashboard-ray-serve-deployment"}
+    dashboards = {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    }
+    assert dashboards == {
+        "grafana-dashboard-imagine",
+        "grafana-dashboard-ray-default",
+        "grafana-dashboard-ray-serve",
+        "grafana-dashboard-ray-serve-deployment",
+    }
