@@ -267,14 +267,20 @@ def test_overlays_pin_their_clouds_gpu_nodes(rendered):
         },
         "gke": {g: {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"} for g in GPU_GROUPS},
     }
-    identity = {"eks": "eks.amazonaws.com/role-arn", "gke": "iam.gke.io/gcp-service-account"}
+    # EKS: Pod Identity (terraform/aws's aws_eks_pod_identity_association for imagine/imagine), so no IRSA
+    # annotation; GKE: Workload Identity needs the service account's annotation
+    identity = {"eks": None, "gke": "iam.gke.io/gcp-service-account"}
     for name in OVERLAYS:
         groups = _groups(_ray_service(rendered[name]))
         for group_name, expected in selectors[name].items():
             node_selector = groups[group_name]["template"]["spec"]["nodeSelector"]
             assert expected.items() <= node_selector.items() and node_selector["imagine.dev/pool"] == group_name
         account = _one(rendered[name], "ServiceAccount", "imagine")
-        assert identity[name] in account["metadata"].get("annotations", {}), name
+        annotations = account["metadata"].get("annotations", {})
+        if identity[name] is None:
+            assert "eks.amazonaws.com/role-arn" not in annotations, name
+        else:
+            assert identity[name] in annotations, name
         image = groups["head"]["template"]["spec"]["containers"][0]["image"]
         assert not image.startswith("registry.example.com/"), image
 
@@ -729,6 +735,7 @@ def test_alerts_and_dashboard_use_only_exported_metrics(rendered, exported_metri
     # what the alerts and the dashboard are for: queue age/depth, pending capacity, failures, cost, cold starts
     for metric in (
         "imagine_queue_depth",
+        "imagine_queue_oldest_age_seconds",
         "imagine_queue_wait_seconds_bucket",
         "imagine_jobs_finished",
         "imagine_device_seconds_total",

@@ -243,6 +243,8 @@ def test_metrics_read_the_database(store, ledger, client):
     assert m[("imagine_queue_depth", (("tier", "standard"),))] == 2
     assert m[("imagine_queue_depth", (("tier", "realtime"),))] == 1
     assert m[("imagine_queue_depth", (("tier", "batch"),))] == 0
+    assert m[("imagine_queue_oldest_age_seconds", (("tier", "batch"),))] == 0
+    assert 0 <= m[("imagine_queue_oldest_age_seconds", (("tier", "standard"),))] < 60
     assert m[("imagine_jobs_running", ())] == 1
     assert m[("imagine_jobs_finished", (("status", "done"),))] == 1
     assert m[("imagine_jobs_finished", (("status", "failed"),))] == 1
@@ -266,7 +268,10 @@ def test_metrics_read_the_database(store, ledger, client):
     app2 = FastAPI()
     app2.include_router(create_ops_router(store, Ledger(store.engine, ACCOUNTING), ACCOUNTING, _principal))
     with TestClient(app2) as c2:
-        assert _samples(c2.get("/metrics").text) == m
+        m2 = _samples(c2.get("/metrics").text)
+    ages = {k for k in m if k[0] == "imagine_queue_oldest_age_seconds"}  # these grow between the two scrapes
+    assert {k: v for k, v in m2.items() if k not in ages} == {k: v for k, v in m.items() if k not in ages}
+    assert all(m[k] <= m2[k] <= m[k] + 30 for k in ages)
 
 
 def test_usage_endpoint(store, ledger, client):

@@ -73,13 +73,14 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         c = jobs_table.c
         with self.store.engine.connect() as conn:
-            queued = dict(
-                conn.execute(
-                    sa.select(c.priority, sa.func.count())
-                    .where(c.status == JobStatus.QUEUED.value)
-                    .group_by(c.priority)
-                ).all()
-            )
+            queued, oldest = {}, {}
+            for tier, n, first in conn.execute(
+                sa.select(c.priority, sa.func.count(), sa.func.min(c.created_at))
+                .where(c.status == JobStatus.QUEUED.value)
+                .group_by(c.priority)
+            ):
+                queued[tier], oldest[tier] = n, first
+            now = time.time()
             by_status = dict(conn.execute(sa.select(c.status, sa.func.count()).group_by(c.status)).all())
             queue_wait = _histogram(
                 conn,
@@ -99,9 +100,15 @@ class DatabaseCollector(Collector):
             )
 
         depth = GaugeMetricFamily("imagine_queue_depth", "Jobs waiting in the queue, by tier.", labels=["tier"])
+        age = GaugeMetricFamily(
+            "imagine_queue_oldest_age_seconds", "Age of the oldest queued job, by tier (0 when none waits).",
+            labels=["tier"],
+        )
         for tier in sorted(set(TIERS) | set(queued)):
             depth.add_metric([tier], int(queued.get(tier, 0)))
+            age.add_metric([tier], max(0.0, now - oldest[tier]) if tier in oldest else 0.0)
         yield depth
+        yield age
 
         running = GaugeMetricFamily("imagine_jobs_running", "Jobs being generated now.")
         running.add_metric([], int(by_status.get(JobStatus.RUNNING.value, 0)))
