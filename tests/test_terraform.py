@@ -257,6 +257,12 @@ def test_aws_addons_root_structure_and_agreement_with_the_aws_root(parsed: dict[
     assert set(_one(resources["kubernetes_secret_v1.redis"], "data")) == {
         aws_outputs["redis_password_secret"]["secret_key"]
     }
+    # ... and with what the RayService reads (cluster/base/rayservice.yaml): the same Secret names and keys
+    rayservice = (Path(__file__).resolve().parents[1] / "cluster" / "base" / "rayservice.yaml").read_text()
+    read = set(re.findall(r"secretKeyRef:\s*name:\s*(\S+)\s*key:\s*(\S+)", rayservice))
+    for output in ("database_url_env", "redis_password_secret"):
+        written = (aws_outputs[output]["secret_name"], aws_outputs[output]["secret_key"])
+        assert written in read, (written, read)
     autoscaler_values = str(_one(releases["cluster_autoscaler"], "values"))  # the yamlencode() call, as text
     assert "'serviceAccount': {'create': True, 'name': 'cluster-autoscaler'}" in autoscaler_values, autoscaler_values
     assert (

@@ -69,7 +69,7 @@ resource "kubernetes_secret_v1" "database" {
     namespace = kubernetes_namespace_v1.imagine.metadata[0].name
   }
   data = {
-    IMAGINE_DATABASE_URL = local.database_url
+    url = local.database_url # the key cluster/base/rayservice.yaml reads into IMAGINE_DATABASE_URL
   }
 }
 

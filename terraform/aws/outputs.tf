@@ -90,7 +90,7 @@ output "database_master_secret_arn" {
 
 output "database_url_env" {
   description = "Env var the pods read the job store URL from, and the Kubernetes Secret (name, key) aws-addons puts it in."
-  value       = { env = "IMAGINE_DATABASE_URL", secret_name = "imagine-database", secret_key = "IMAGINE_DATABASE_URL" }
+  value       = { env = "IMAGINE_DATABASE_URL", secret_name = "imagine-database", secret_key = "url" }
 }
 
 output "redis_address" {
