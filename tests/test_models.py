@@ -209,3 +209,20 @@ def test_parse_s3_uri():
     assert loading.parse_s3_uri("s3://b") == ("b", "")
     with pytest.raises(ValueError, match="source"):
         loading.parse_s3_uri("http://b/a")
+
+
+@pytest.mark.parametrize("key", ["../../../escape.txt", "sub/../../escape.txt", "/abs/escape.txt", "a//b.txt"])
+def test_s3_model_keys_leaving_the_model_directory_are_refused(tmp_path, s3_server, key):
+    """A bucket others can write must not write outside the cache: keys with `..`, a leading `/` or an empty part
+    under the model's prefix refuse the download (and nothing lands outside the model directory)."""
+    import boto3
+
+    bucket = f"evil-{abs(hash(key)) % 10**8}"
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="m/model_index.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key=f"m/{key}", Body=b"pwned")
+    preset = ModelPreset(name="s3", family="ltx2", source=f"s3://{bucket}/m")
+    with pytest.raises(ModelSourceError, match="refusing object key"):
+        resolve_model_dir(preset, tmp_path / "home", endpoint_url=s3_server)
+    assert not [p for p in tmp_path.rglob("escape.txt")] and not [p for p in tmp_path.rglob("b.txt")]

@@ -156,3 +156,38 @@ def test_a_checkpoint_unpickles_without_importing_diffusers(case, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+class _Exploit:
+    """What an attacker with write access to the artifact store would plant: unpickling it runs a command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(tmp_path):
+    """A checkpoint is loaded with weights_only: a planted pickle that would run code is refused without running it,
+    and a checkpoint naming a type outside the loop states is refused too."""
+    import io
+
+    from imagine.serving.runner import CheckpointError, load_checkpoint
+
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"latents": torch.zeros(2), "payload": _Exploit(str(marker))}, buf)
+    store.put_bytes("checkpoints/t/j/denoise_state.pt", buf.getvalue())
+    with pytest.raises(CheckpointError, match="more than tensors and plain data"):
+        load_checkpoint(store, "checkpoints/t/j/denoise_state.pt")
+    assert not marker.exists()
+
+    buf = io.BytesIO()
+    torch.save({"__checkpoint_type__": "subprocess:Popen", "fields": {"args": ["true"]}}, buf)
+    store.put_bytes("checkpoints/t/k/denoise_state.pt", buf.getvalue())
+    with pytest.raises(CheckpointError, match="not a checkpoint type"):
+        load_checkpoint(store, "checkpoints/t/k/denoise_state.pt")

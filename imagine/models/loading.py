@@ -78,6 +78,18 @@ def _check_model_dir(model_dir: Path, preset: ModelPreset) -> None:
 parse_s3_uri = functools.partial(s3.parse_s3_uri, field="source")
 
 
+def _inside(root: Path, relative: str, uri: str) -> Path:
+    """`root / relative` for an object key below the model's prefix, refusing any key that would land outside `root`
+    (`../`, an absolute path, a backslash or NUL): a bucket writable by others must not write anywhere else."""
+    parts = relative.split("/")
+    if relative.startswith("/") or "\\" in relative or "\0" in relative or any(p in ("", ".", "..") for p in parts):
+        raise ModelSourceError(f"source {uri!r}: refusing object key {relative!r} (it would leave the model directory)")
+    destination = root.joinpath(*parts)
+    if not destination.resolve().is_relative_to(root.resolve()):
+        raise ModelSourceError(f"source {uri!r}: refusing object key {relative!r} (it resolves outside the model directory)")
+    return destination
+
+
 def download_s3_model(uri: str, home: Path, endpoint_url: str | None = None) -> Path:
     """Download every object under ``s3://bucket/prefix`` to ``home/models/s3/<bucket>/<prefix>`` once.
 
@@ -100,7 +112,7 @@ def download_s3_model(uri: str, home: Path, endpoint_url: str | None = None) -> 
                 relative = obj["Key"][len(key_prefix) :]
                 if not relative or relative.endswith("/"):
                     continue
-                destination = tmp_dir / relative
+                destination = _inside(tmp_dir, relative, uri)
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, obj["Key"], str(destination))
                 count += 1

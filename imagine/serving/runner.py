@@ -9,8 +9,11 @@ parallel), rank 0's answers being the loop's.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import io
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,15 +102,66 @@ class SampleOutcome:
     checkpoint_key: str | None = None
 
 
+# the loop states a checkpoint may hold, and the dataclasses inside them: a checkpoint names its types, and only these
+# are rebuilt (anything else in the artifact store is refused, never imported or called)
+CHECKPOINT_TYPES = frozenset({
+    "imagine.pipeline.types:DenoiseState",
+    "imagine.pipeline.types:GenerationSpec",
+    "imagine.pipeline.vace:VaceState",
+    "imagine.pipeline.vace:EditSpec",
+    "imagine.pipeline.vace:EditGeometry",
+})
+_TYPE_TAG = "__checkpoint_type__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint holds something other than a known loop state of plain values and tensors."""
+
+
+def _pack(value: Any) -> Any:
+    """Dataclasses -> tagged dicts of their fields, recursively: what is left is tensors and plain data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = f"{type(value).__module__}:{type(value).__qualname__}"
+        if name not in CHECKPOINT_TYPES:
+            raise CheckpointError(f"{name} is not a checkpoint type")
+        return {_TYPE_TAG: name, "fields": {f.name: _pack(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pack(v) for v in value)
+    return value
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        name = value.get(_TYPE_TAG)
+        if name is None:
+            return {k: _unpack(v) for k, v in value.items()}
+        if name not in CHECKPOINT_TYPES:
+            raise CheckpointError(f"checkpoint names type {name!r}, which is not a checkpoint type")
+        module, _, qualname = name.partition(":")
+        cls = getattr(importlib.import_module(module), qualname)
+        return cls(**{k: _unpack(v) for k, v in value["fields"].items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unpack(v) for v in value)
+    return value
+
+
 def save_checkpoint(store: ArtifactBytes, key: str, state: Any) -> None:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(_pack(state), buf)  # tensors and plain data only: loadable with weights_only
     store.put_bytes(key, buf.getvalue())
 
 
 def load_checkpoint(store: ArtifactBytes, key: str) -> Any:
-    # our own checkpoints (dataclasses holding tensors and a scheduler): not loadable with weights_only
-    return torch.load(io.BytesIO(store.read_bytes(key)), map_location="cpu", weights_only=False)
+    """A loop state saved by `save_checkpoint`. `weights_only=True`: unpickling runs no code a checkpoint names
+    (anyone who can write the artifact store must not get code execution in a replica); only the allow-listed
+    dataclasses are rebuilt from their fields."""
+    try:
+        data = torch.load(io.BytesIO(store.read_bytes(key)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {key!r} holds more than tensors and plain data: {e}") from e
+    return _unpack(data)
 
 
 class SamplingRunner:
