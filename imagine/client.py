@@ -117,15 +117,19 @@ class ImagineClient:
         `stream=True` listens to the job's event stream; `False` polls every `poll_s` seconds."""
         deadline = time.monotonic() + timeout
         if stream:
-            for job in self.events(job_id, timeout=timeout):
-                if on_update is not None:
-                    on_update(job)
+            # the server ends a stream that saw no change for a while (and any after its maximum lifetime):
+            # reconnect until the job is terminal or our own deadline passes
+            while (left := deadline - time.monotonic()) > 0:
+                for job in self.events(job_id, timeout=left):
+                    if on_update is not None:
+                        on_update(job)
+                    if job["status"] in TERMINAL:
+                        return job
+                job = self.get(job_id)
                 if job["status"] in TERMINAL:
                     return job
-            job = self.get(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+                time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            raise TimeoutError(f"job {job_id} still {self.get(job_id)['status']} after {timeout}s")
         while True:
             job = self.get(job_id)
             if on_update is not None:

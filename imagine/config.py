@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATABASE_URL_ENV = "IMAGINE_DATABASE_URL"  # the job store's URL when `database_url` is unset
+METRICS_TOKEN_ENV = "IMAGINE_METRICS_TOKEN"  # the /metrics scrape token when `metrics.token` is unset
 
 
 def default_home() -> Path:
@@ -206,6 +207,14 @@ class EditConfig(_Strict):
     max_source_s: float = Field(8.7, gt=0, le=120, description="Longest source video an edit accepts.")
     max_source_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest uploaded source video.")
     max_source_pixels: int = Field(1280 * 720, ge=1, description="Largest source frame (width x height).")
+    max_source_fps: float = Field(120.0, gt=0, le=1000, description="Highest frame rate of a source video.")
+    max_source_frames: int | None = Field(
+        None, ge=1, description="Most frames of a source video (an upload's are counted up to this, then refused); "
+        "None: max_source_s x max_source_fps."
+    )
+    max_mask_boxes: int = Field(
+        4096, ge=1, le=1_000_000, description="Most boxes of an explicit mask (`mask.boxes`, or all of `mask.frames`)."
+    )
     default_steps: int = Field(20, ge=1, le=200, description="Denoising steps of an edit when the request gives none.")
     guidance_scale: float = Field(5.0, ge=1.0, le=20.0, description="CFG scale of the inpainting model.")
     dilate_px: int = Field(8, ge=0, le=256, description="Masks grow by this many pixels before repainting.")
@@ -267,7 +276,30 @@ class LimitsConfig(_Strict):
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt / negative prompt.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest decoded image_url payload.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image (width x height).")
-    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest accepted JSON body.")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest accepted request body (bytes read, chunked or not) of every "
+        "route but `POST /v1/videos/edits`."
+    )
+    max_edit_request_bytes: int | None = Field(
+        None, ge=1, description="Largest accepted body of `POST /v1/videos/edits`; None: room for a source and a mask "
+        "video of `edit.max_source_bytes` each as base64 data URIs, plus `max_request_bytes` for the rest."
+    )
+    max_event_streams_per_key: int = Field(
+        16, ge=1, le=10_000, description="Event streams (`/v1/videos/{id}/events`) one API key (with auth off: the "
+        "tenant) may hold open on one ingress replica; past it 429 + Retry-After."
+    )
+    event_stream_idle_s: float = Field(
+        900.0, gt=0, le=86_400, description="An event stream whose job has not changed for this long ends (the "
+        "client reconnects to go on)."
+    )
+    event_stream_max_s: float = Field(
+        3600.0, gt=0, le=86_400, description="Longest life of an event stream: its `timeout` parameter is capped at "
+        "this."
+    )
+    event_stream_max_poll_s: float = Field(
+        1.0, gt=0, le=60, description="While a watched job does not change, the interval at which its one shared "
+        "poll re-reads it doubles from `events_interval_s` up to this."
+    )
 
 
 EDIT_POOL = "editor"  # the denoiser pool of edit jobs (its preset is `edit.preset`)
@@ -294,6 +326,26 @@ class AuthConfig(_Strict):
     idempotency_ttl_s: float = Field(86_400, gt=0, description="How long an Idempotency-Key is remembered.")
 
 
+class MetricsConfig(_Strict):
+    """Who may scrape `GET /metrics` (totals across all tenants). With a token, a scrape must send
+    `Authorization: Bearer <token>`; without one, /metrics is open when auth is off and off (404) when auth is on."""
+
+    enabled: bool = Field(True, description="Serve `GET /metrics` at all (false: 404).")
+    token: SecretStr | None = Field(
+        None, min_length=16, description=f"Bearer token a scrape must present (at least 16 characters); None = "
+        f"`${METRICS_TOKEN_ENV}` (read in each replica, so it can come from a Kubernetes Secret), else no token."
+    )
+
+    def resolved_token(self) -> str | None:
+        """The scrape token: `token`, else `$IMAGINE_METRICS_TOKEN` (at least 16 characters), else None."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        from_env = os.environ.get(METRICS_TOKEN_ENV) or None
+        if from_env is not None and len(from_env) < 16:
+            raise ValueError(f"${METRICS_TOKEN_ENV} must have at least 16 characters, got {len(from_env)}")
+        return from_env
+
+
 class SchedulingConfig(_Strict):
     """Who runs next: strict tiers with aging, weighted fair share between tenants inside a tier."""
 
@@ -311,7 +363,7 @@ class SchedulingConfig(_Strict):
     paused: bool = Field(False, description="Accept and queue jobs but start none (maintenance, load tests).")
     max_preemptions_per_job: int = Field(2, ge=0, le=100, description="A job is never paused more often than this.")
     max_attempts: int = Field(
-        3, ge=1, le=20, description="Dispatches of a job whose parallel replica lost a rank before it is failed."
+        3, ge=1, le=100, description="Dispatches of a job whose replica (or a rank of it, or its node) died under it before the job is failed."
     )
 
 
@@ -379,6 +431,7 @@ class AppConfig(_Strict):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig, description="Priority and fairness.")
     accounting: AccountingConfig = Field(default_factory=AccountingConfig, description="Cost and price.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="API input limits.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Access to `GET /metrics`.")
     max_inflight_jobs: int | None = Field(
         None,
         ge=1,

@@ -764,6 +764,11 @@ def test_monitors_select_what_the_pods_expose(rendered):
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= serve["metadata"]["labels"].items()
     (endpoint,) = service_monitor["spec"]["endpoints"]
     assert endpoint["port"] == "serve" and endpoint["path"] == "/metrics"
+    # with auth on, /metrics answers only the scrape token: Prometheus sends the one the serve pods are given
+    credentials = endpoint["authorization"]["credentials"]
+    for group_name, group in groups.items():
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        assert env["IMAGINE_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == credentials, group_name
     dashboards = {
         d["metadata"]["name"]
         for d in docs

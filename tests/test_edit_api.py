@@ -149,7 +149,7 @@ def _odd_or_mulaw(width: int, audio_codec: str | None) -> bytes:
 
 BAD_EDITS = [
     # (body (video_id "DONE" is replaced by the done job's id), status, code, param)
-    ({"prompt": "remove the dog", "video_id": "nope"}, 404, "not_found", "id"),
+    ({"prompt": "remove the dog", "video_id": "nope"}, 404, "not_found", "video_id"),
     ({"prompt": "remove the dog"}, 422, "invalid_parameter", "video_id"),
     ({"prompt": "remove the dog", "video_id": "DONE", "video_url": "data:video/mp4;base64,AAAA"}, 422, "invalid_parameter", "video_id"),
     ({"prompt": "   ", "video_id": "DONE"}, 422, "invalid_parameter", "prompt"),

@@ -8,8 +8,9 @@ import io
 import tracemalloc
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from imagine.api import intake
 from imagine.api.errors import ApiError
 from imagine.api.intake import IMAGE, MAX_HEADER_CHARS, VIDEO, decode_data_uri, decode_image, decode_video
 from imagine.config import LimitsConfig
@@ -118,3 +119,52 @@ def test_decode_image_normalises_to_png_and_checks_pixels():
     assert (err.status, err.code, err.param) == (413, "image_too_large", "image_url")
     err = _error(decode_image, "data:image/png;base64," + base64.b64encode(b"not an image").decode(), "image_url", LimitsConfig())
     assert (err.status, err.code, err.param) == (400, "invalid_image", "image_url")
+
+
+def _image_uri(fmt: str, size: tuple[int, int] = (40, 30), mime: str = "image/png") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format=fmt)
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_each_allowed_image_format_is_recognised_by_its_magic(fmt):
+    raw = base64.b64decode(_image_uri(fmt).split(",", 1)[1])
+    assert intake.image_format(raw[:12]) == fmt
+    with Image.open(io.BytesIO(decode_image(_image_uri(fmt), "image_url", LimitsConfig()))) as img:
+        assert img.format == "PNG" and img.size == (40, 30)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO", "TGA"])
+def test_other_image_formats_are_refused_before_pillow_opens_them(fmt, monkeypatch):
+    uri = _image_uri(fmt, size=(500, 500))  # declared image/png: a media type that lies is no help either
+    opened: list = []
+    monkeypatch.setattr(intake.Image, "open", lambda *a, **k: opened.append(a))
+    err = _error(decode_image, uri, "image_url", LimitsConfig())
+    assert (err.status, err.code, err.param) == (400, "invalid_image", "image_url") and "PNG, JPEG" in err.message
+    assert opened == []
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG claiming `width` x `height` (signature, IHDR) with one tiny IDAT: far smaller than its pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_pixels_are_checked_from_the_header_before_decoding(monkeypatch):
+    decoded: list = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
+    uri = "data:image/png;base64," + base64.b64encode(_png_header(8000, 6000)).decode()  # 48 MP in under 100 bytes
+    err = _error(decode_image, uri, "image_url", LimitsConfig())
+    assert (err.status, err.code, err.param) == (413, "image_too_large", "image_url") and "8000x6000" in err.message
+    assert decoded == []
+    # past Pillow's own decompression-bomb ceiling, whatever the configured limit: 413 too
+    uri = "data:image/png;base64," + base64.b64encode(_png_header(20000, 20000)).decode()
+    err = _error(decode_image, uri, "image_url", LimitsConfig(max_image_pixels=10**9))
+    assert (err.status, err.code, err.param) == (413, "image_too_large", "image_url")

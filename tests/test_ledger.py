@@ -313,6 +313,24 @@ def test_usage_endpoint(store, ledger, client):
         assert resp.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(
+    "params,param",
+    [
+        ({"end": "9999-12-31"}, "end"),  # the day after is past what a datetime holds: was a 500
+        ({"start": "nan"}, "start"),  # was a 200 with "start": null
+        ({"start": "-inf"}, "start"),
+        ({"end": "1e400"}, "end"),
+        ({"end": "9999-12-31T23:00:00-05:00"}, "end"),
+        ({"start": str(-10**15)}, "start"),
+    ],
+)
+def test_usage_times_out_of_range_are_400_naming_the_param(client, params, param):
+    resp = client.get("/v1/usage", params=params)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert (err["code"], err["param"]) == ("invalid_parameter", param)
+
+
 def test_cli_usage_prints_a_table(store, ledger, client, monkeypatch, capsys):
     import httpx
 

@@ -20,6 +20,7 @@ from imagine.pipeline.media import (
     MediaInfo,
     MediaTooLargeError,
     add_h264_stream,
+    container_format,
     encode_frames,
     mp4_accepts,
     mux_mp4,
@@ -239,6 +240,83 @@ def test_truncated_and_audio_only_files_raise_media_error(source_mp4, tmp_path):
             reader(buf.getvalue())
         with pytest.raises(MediaError, match="not a file"):
             reader(tmp_path / "absent.mp4")
+
+
+def _written(fmt: str, codec: str) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        encode_frames(container, stream, np.zeros((3, 32, 32, 3), np.uint8))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt,codec,demuxer", [("mp4", "libx264", "mov"), ("mov", "libx264", "mov"), ("matroska", "libx264", "matroska"),
+                          ("webm", "libvpx-vp9", "matroska")],
+)
+def test_accepted_containers_are_recognised_by_magic_and_read(fmt, codec, demuxer):
+    data = _written(fmt, codec)
+    assert container_format(data[:12]) == demuxer
+    assert probe(data).num_frames == read_video(data).num_frames == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 5004 RTP/AVP 96\n",  # SDP: RTP sockets
+        b"ffconcat version 1.0\nfile '/etc/passwd'\n",  # concat: local files
+        b"#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:9/a.ts\n",  # HLS: HTTP
+        b"GIF89a" + b"\0" * 64,  # a format FFmpeg reads, but not a video container of ours
+    ],
+)
+def test_other_inputs_are_refused_before_ffmpeg_opens_them(text, tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(av, "open", lambda *a, **k: calls.append(a))
+    path = tmp_path / "upload.mp4"
+    path.write_bytes(text)
+    for src in (text, path):
+        for reader in (probe, read_video):
+            with pytest.raises(MediaError, match="accepted are MP4/MOV and WebM/Matroska"):
+                reader(src)
+    assert container_format(text[:12]) is None and calls == []
+
+
+def test_inputs_are_opened_confined(source_mp4, tmp_path, monkeypatch):
+    """A file object, never a path or URL string; the demuxer forced; no protocol for nested opens; bounded probing;
+    an I/O timeout."""
+    seen: list = []
+    real_open = av.open
+
+    def spy(file, *args, **kwargs):
+        seen.append((file, kwargs))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", spy)
+    path = tmp_path / "source.mp4"
+    path.write_bytes(source_mp4)
+    probe(source_mp4)
+    read_video(path)
+    remux_with_source_audio(np.zeros((2, 32, 32, 3), np.uint8), FPS, path, io.BytesIO(), crf=CRF)
+    inputs = [(file, kwargs) for file, kwargs in seen if kwargs.get("mode", "r") == "r"]
+    assert len(inputs) == 3
+    for file, kwargs in inputs:
+        assert hasattr(file, "read") and not isinstance(file, (str, Path))
+        assert kwargs["format"] == "mov" and kwargs["timeout"] > 0
+        options = kwargs["options"]
+        assert options["protocol_whitelist"] == "" and options["format_whitelist"] == "mov,matroska"
+        assert int(options["probesize"]) > 0 and int(options["analyzeduration"]) > 0
+        assert options["enable_drefs"] == "0"
+
+
+def test_probe_stops_at_max_frames_and_max_pixels(source_mp4):
+    with pytest.raises(MediaTooLargeError, match="max_frames=10"):
+        probe(source_mp4, max_frames=10)
+    with pytest.raises(MediaTooLargeError, match=f"{WIDTH}x{HEIGHT}, over max_pixels=100"):
+        probe(source_mp4, max_pixels=100)
+    assert probe(source_mp4, max_frames=NUM_FRAMES, max_pixels=WIDTH * HEIGHT).num_frames == NUM_FRAMES
+    with pytest.raises(ValueError, match="max_frames"):
+        probe(source_mp4, max_frames=0)
 
 
 def test_max_frames_stops_decoding(source_mp4):

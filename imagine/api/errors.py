@@ -71,6 +71,18 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(422, "invalid_parameter", f"'{param}': {msg}", param)
 
 
+def _http_error(exc: StarletteHTTPException) -> ApiError:
+    """The framework's own HTTP errors. Its only 400 is a body it could not read or decode (e.g. bytes that are not
+    UTF-8 under a JSON content type), raised `from` the decoding error: that one names the body."""
+    if exc.status_code == 400:
+        cause = exc.__cause__
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc.detail)
+        code = "invalid_json" if isinstance(cause, ValueError) else "invalid_body"
+        return ApiError(400, code, f"the request body could not be read as JSON ({reason})", "body")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return ApiError(exc.status_code, code, str(exc.detail), None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -82,8 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail), None))
+        return error_response(_http_error(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

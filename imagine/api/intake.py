@@ -19,7 +19,7 @@ from imagine.config import LimitsConfig
 
 MAX_HEADER_CHARS = 1024  # media type + parameters; real data URIs need a few dozen characters
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "._+-")
-_ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # Pillow's names; each recognised by `image_format`
 
 
 @dataclass(frozen=True)
@@ -99,25 +99,47 @@ def decode_video(value: str, field: str, max_bytes: int) -> bytes:
     return decode_data_uri(value, field, VIDEO, max_bytes)
 
 
+def image_format(head: bytes) -> str | None:
+    """The format of an image starting with `head` (its first 12 bytes suffice) by its magic bytes: one of
+    `IMAGE_FORMATS`, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
 def decode_image(value: str, field: str, limits: LimitsConfig) -> bytes:
     """A `data:image/...;base64,` URI -> the image as normalised RGB PNG bytes (400 when it is not an image of an
-    allowed format, 413 past `limits.max_image_bytes` or `max_image_pixels`)."""
+    allowed format, 413 past `limits.max_image_bytes` or `max_image_pixels`).
+
+    Nothing is decoded before the format (from the magic bytes; only that one Pillow plugin may open it) and the
+    size (from the header) are known to be allowed."""
     raw = decode_data_uri(value, field, IMAGE, limits.max_image_bytes)
+    fmt = image_format(raw[:12])
+    if fmt is None:
+        raise ApiError(
+            400, "invalid_image", f"{field} is not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image",
+            field,
+        )
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
-            fmt = probe.format
+        with Image.open(io.BytesIO(raw), formats=[fmt]) as probe:
             w, h = probe.size
             if w * h > limits.max_image_pixels:
                 raise ApiError(413, "image_too_large", f"{field} is {w}x{h}, over {limits.max_image_pixels} pixels", field)
             probe.verify()
-        with Image.open(io.BytesIO(raw)) as img:
+        with Image.open(io.BytesIO(raw), formats=[fmt]) as img:
             rgb = img.convert("RGB")
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ApiError(400, "invalid_image", f"{field} could not be decoded as an image: {e}", field) from e
-    if fmt not in _ALLOWED_IMAGE_FORMATS:
-        raise ApiError(400, "invalid_image", f"{field}: image format {fmt} is not supported", field)
+    except Image.DecompressionBombError as e:  # past Pillow's own (process-wide) ceiling: refused by its header
+        raise ApiError(413, "image_too_large", f"{field}: {e}", field) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ApiError(400, "invalid_image", f"{field} could not be decoded as a {fmt} image: {e}", field) from e
     out = io.BytesIO()
     rgb.save(out, format="PNG")
     return out.getvalue()

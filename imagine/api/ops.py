@@ -1,23 +1,25 @@
 """Operator routes: `GET /v1/usage` (a tenant's cost and price, from the ledger) and `GET /metrics`
 (Prometheus text, computed from the database at scrape time, so every ingress replica reports the
-same numbers and nothing resets on a restart)."""
+same numbers and nothing resets on a restart; totals across tenants, so behind `metrics` config)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hmac
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imagine.api.errors import ApiError
-from imagine.config import TIERS, AccountingConfig
+from imagine.api.errors import ApiError, unauthorized
+from imagine.config import METRICS_TOKEN_ENV, TIERS, AccountingConfig, MetricsConfig
 from imagine.jobs.ledger import GROUP_BY, Ledger
 from imagine.jobs.store import JobStatus, JobStore, jobs_table
 
@@ -27,25 +29,56 @@ RUN_TIME_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0
 FINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
 
 
+# timestamps `datetime` can show (0001-01-01 .. 9999-12-31 UTC); past them a bound is a typo, not a window
+MIN_UNIX_S = dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp()
+MAX_UNIX_S = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp()
+
+
 def parse_time(value: str, param: str, end_of_day: bool = False) -> float:
     """Unix seconds from `value`: a number, an ISO date (UTC midnight; the next midnight when
-    `end_of_day`, so `end=2025-05-31` covers that day) or an ISO datetime (UTC when it has no zone)."""
+    `end_of_day`, so `end=2025-05-31` covers that day) or an ISO datetime (UTC when it has no zone).
+    400 naming `param` for anything else, and for times outside years 1..9999 (nan and infinities included)."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        if len(value) == 10:
-            day = dt.date.fromisoformat(value) + dt.timedelta(days=1 if end_of_day else 0)
-            return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError as e:
+        seconds = None
+    if seconds is None:
+        try:
+            if len(value) == 10:
+                day = dt.date.fromisoformat(value) + dt.timedelta(days=1 if end_of_day else 0)
+                seconds = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
+            else:
+                moment = dt.datetime.fromisoformat(value)
+                seconds = (moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)).timestamp()
+        except ValueError as e:
+            raise ApiError(
+                400, "invalid_parameter", f"'{param}' must be unix seconds or an ISO date/datetime, got {value!r}", param
+            ) from e
+        except OverflowError as e:  # the day after 9999-12-31, or a zone offset past the end of time
+            raise ApiError(400, "invalid_parameter", f"'{param}' is past the year 9999, got {value!r}", param) from e
+    if not (math.isfinite(seconds) and MIN_UNIX_S <= seconds <= MAX_UNIX_S):
         raise ApiError(
-            400, "invalid_parameter", f"'{param}' must be unix seconds or an ISO date/datetime, got {value!r}", param
-        ) from e
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+            400, "invalid_parameter", f"'{param}' must be a time between the years 1 and 9999, got {value!r}", param
+        )
+    return seconds
+
+
+def check_metrics_access(enabled: bool, token: str | None, auth_enabled: bool, authorization: str | None) -> None:
+    """Whether a scrape may read `/metrics`: 404 when it is off (`metrics.enabled` false, or auth on without a
+    scrape token); with a token, 401 unless the request sends `Authorization: Bearer <token>`; open otherwise."""
+    if not enabled:
+        raise ApiError(404, "metrics_disabled", "/metrics is turned off on this server (metrics.enabled)", None)
+    if token is None:
+        if auth_enabled:
+            raise ApiError(
+                404, "metrics_disabled",
+                f"/metrics is off: with auth enabled it needs a scrape token (metrics.token or ${METRICS_TOKEN_ENV})",
+                None,
+            )
+        return
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        raise unauthorized("invalid_metrics_token", "/metrics needs 'Authorization: Bearer <scrape token>'")
 
 
 def _histogram(
@@ -163,9 +196,14 @@ def create_ops_router(
     ledger: Ledger,
     accounting_config: AccountingConfig,
     principal_dependency: Callable[..., Any],
+    metrics: MetricsConfig | None = None,
+    auth_enabled: bool = False,
 ) -> APIRouter:
-    """`GET /v1/usage` for the calling principal's tenant, and unauthenticated `GET /metrics`.
-    Raises ApiError: the app must have `install_error_handlers` (the main app does)."""
+    """`GET /v1/usage` for the calling principal's tenant, and `GET /metrics` as `metrics` allows
+    (`check_metrics_access`; default: open, as with auth off). Raises ApiError: the app must have
+    `install_error_handlers` (the main app does)."""
+    metrics = metrics or MetricsConfig()
+    metrics_token = metrics.resolved_token()  # once, at start: a bad $IMAGINE_METRICS_TOKEN fails the replica
     router = APIRouter()
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(store, ledger, accounting_config))
@@ -201,7 +239,8 @@ def create_ops_router(
         }
 
     @router.get("/metrics", tags=["ops"], include_in_schema=False)
-    def metrics() -> Response:
+    def get_metrics(request: Request) -> Response:
+        check_metrics_access(metrics.enabled, metrics_token, auth_enabled, request.headers.get("authorization"))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from imagine import __version__
 from imagine.api.auth import principal_dependency
-from imagine.api.errors import ApiError, install_error_handlers
-from imagine.api.http import create_options, parse_range
+from imagine.api.errors import ApiError, install_error_handlers, rate_limited
+from imagine.api.events import JobWatchers, PollPolicy, StreamSlots, job_state
+from imagine.api.http import BodyLimitMiddleware, body_limits, create_options, parse_range
 from imagine.api.ops import create_ops_router
 from imagine.api.principal import Principal
 from imagine.api.schemas import (
@@ -25,6 +27,7 @@ from imagine.api.schemas import (
     ModelInfo,
 )
 from imagine.api.service import Created, CreateOptions, JobService
+from imagine.jobs import JobRecord
 
 _ERROR_RESPONSES = {
     400: {"description": "Bad input (JSON error body names the parameter)"},
@@ -33,6 +36,22 @@ _ERROR_RESPONSES = {
     409: {"description": "Conflicting state"},
     422: {"description": "Invalid parameter"},
 }
+STREAM_RETRY_AFTER_S = 5.0  # Retry-After of a 429 for one event stream too many
+
+
+class _SlotStream(EventSourceResponse):
+    """An event stream that gives its key's stream slot back when it ends, however it ends (done, client gone,
+    error, or a HEAD that never runs the stream)."""
+
+    def __init__(self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None], ping: int):
+        super().__init__(content, ping=ping)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def _base_url(request: Request) -> str:
@@ -52,23 +71,23 @@ def create_api(service: JobService) -> FastAPI:
         description="Self-hosted video + native-audio generation. Every request is an async job.",
     )
     install_error_handlers(app)
+    default_limit, route_limits = body_limits(service.config)
+    app.add_middleware(BodyLimitMiddleware, default_limit=default_limit, route_limits=route_limits)
     require_principal = principal_dependency(service.keys, service.config.auth)
-    app.include_router(create_ops_router(service.store, service.ledger, service.config.accounting, require_principal))
+    app.include_router(create_ops_router(
+        service.store, service.ledger, service.config.accounting, require_principal,
+        metrics=service.config.metrics, auth_enabled=service.config.auth.enabled,
+    ))
     Caller = Depends(require_principal)  # read as a type in the signatures below
     Options = Depends(create_options)  # the create headers
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > service.config.limits.max_request_bytes:
-            err = ApiError(413, "request_too_large", f"body is over {service.config.limits.max_request_bytes} bytes", "body")
-            return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
+    limits = service.config.limits
+    watchers = JobWatchers(service.store.get, PollPolicy(service.config.events_interval_s, limits.event_stream_max_poll_s))
+    stream_slots = StreamSlots(limits.max_event_streams_per_key)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
-        counts = service.store.count_by_status()
-        return {"status": "ok", "version": __version__, "jobs": counts}
+        """Liveness: nothing about jobs or tenants (operators read `/metrics`)."""
+        return {"status": "ok"}
 
     @app.get("/v1/models", tags=["models"], dependencies=[Caller])
     def list_models() -> dict:
@@ -115,32 +134,53 @@ def create_api(service: JobService) -> FastAPI:
     def cancel_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
         return service.to_response(service.cancel(job_id, principal.tenant), _base_url(request))
 
-    @app.get("/v1/videos/{job_id}/events", tags=["videos"], responses=_ERROR_RESPONSES)
+    @app.get(
+        "/v1/videos/{job_id}/events", tags=["videos"],
+        responses={**_ERROR_RESPONSES, 429: {"description": "Too many open event streams of this key; see Retry-After"}},
+    )
     async def video_events(
         job_id: str,
         request: Request,
         principal: Principal = Caller,
-        timeout: float = Query(3600.0, gt=0, le=86_400, description="Close the stream after this many seconds."),
+        timeout: float = Query(
+            3600.0, gt=0, le=86_400,
+            description="Close the stream after this many seconds (at most the server's `limits.event_stream_max_s`).",
+        ),
     ) -> EventSourceResponse:
         """Server-sent events: a `status` event (the job, as `GET /v1/videos/{id}`) whenever its status or
-        progress changes; the stream ends after a terminal status (or `timeout`; reconnect to go on)."""
+        progress changes; the stream ends after a terminal status, after `timeout`, or when the job has not changed
+        for the server's `limits.event_stream_idle_s` (reconnect to go on). One API key holds at most
+        `limits.max_event_streams_per_key` streams open (429 past it)."""
         first = await asyncio.to_thread(service.get, job_id, principal.tenant)  # 404 before the stream starts
+        release = stream_slots.try_acquire(principal.key_id or ("tenant", principal.tenant))
+        if release is None:
+            raise rate_limited(
+                "too_many_event_streams",
+                f"this API key has {stream_slots.limit} event streams open; close one (or poll GET /v1/videos/{{id}})",
+                STREAM_RETRY_AFTER_S,
+            )
         base = _base_url(request)
-        interval = service.config.events_interval_s
+        deadline = time.monotonic() + min(timeout, limits.event_stream_max_s)
+
+        def render(job: JobRecord) -> ServerSentEvent:  # reads the job's usage: run in a worker thread
+            return ServerSentEvent(service.to_response(job, base).model_dump_json(), event="status")
 
         async def events() -> AsyncIterator[ServerSentEvent]:
-            job, last, deadline = first, None, time.monotonic() + timeout
-            while True:
-                key = (job.status, round(job.progress, 4))
-                if key != last:
-                    last = key
-                    yield ServerSentEvent(service.to_response(job, base).model_dump_json(), event="status")
-                if job.status.terminal or time.monotonic() > deadline or await request.is_disconnected():
-                    return
-                await asyncio.sleep(interval)
-                job = await asyncio.to_thread(service.get, job_id, principal.tenant)
+            job, changed_at = first, time.monotonic()
+            yield await asyncio.to_thread(render, job)
+            if job.status.terminal:
+                return
+            async with watchers.subscribe(first) as updates:
+                while not job.status.terminal and not updates.ended:
+                    wait_s = min(deadline, changed_at + limits.event_stream_idle_s) - time.monotonic()
+                    if wait_s <= 0:
+                        return  # past `timeout`, or idle: the client reconnects if it still wants to
+                    newer = await updates.next_change(wait_s)
+                    if newer is not None and job_state(newer) != job_state(job):
+                        job, changed_at = newer, time.monotonic()
+                        yield await asyncio.to_thread(render, job)
 
-        return EventSourceResponse(events(), ping=15)
+        return _SlotStream(events(), release, ping=15)
 
     @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses={**_ERROR_RESPONSES, 206: {"description": "Partial"}})
     def video_content(

@@ -261,7 +261,7 @@ class JobService:
 
         inputs: dict[str, bytes] = {}
         if req.video_id is not None:
-            source_job = self.get(req.video_id, principal.tenant)
+            source_job = self.get(req.video_id, principal.tenant, param="video_id")
             if source_job.status != JobStatus.DONE or not source_job.result:
                 raise ApiError(409, "video_not_ready", f"job {req.video_id} is {source_job.status.value}; only done videos can be edited", "video_id")
             self._check_not_expired(source_job, "video_id")
@@ -270,11 +270,14 @@ class JobService:
             source_key, source_field = r["artifact_key"], "video_id"
         else:
             uploaded = decode_video(req.video_url, "video_url", cfg.max_source_bytes)
-            info = edits.probe_video(uploaded, "video_url")
+            info = edits.probe_video(uploaded, "video_url", max_frames=edits.max_source_frames(cfg),
+                                     max_pixels=cfg.max_source_pixels)
             source_key, source_field = input_source_key(principal.tenant, job_id), "video_url"
             inputs[source_key] = uploaded
         edits.check_source_limits(info, source_field, cfg)
-        mask, mask_video = edits.check_mask(req.mask, info, cfg.max_source_bytes) if req.mask else (None, None)
+        mask, mask_video = (
+            edits.check_mask(req.mask, info, cfg.max_source_bytes, cfg.max_mask_boxes) if req.mask else (None, None)
+        )
         mask_key = None
         if mask_video is not None:
             mask_key = input_mask_key(principal.tenant, job_id)
@@ -343,11 +346,12 @@ class JobService:
         return Created(self.get(record.job_id, principal.tenant), replayed=True)
 
     # -- read / cancel -----------------------------------------------------------------------
-    def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+    def get(self, job_id: str, tenant: str | None = None, param: str = "id") -> JobRecord:
+        """The job `job_id` of `tenant`; 404 naming `param` (the request field that gave the id) when there is none."""
         try:
             return self.store.get(job_id, tenant)
         except JobNotFound as e:
-            raise ApiError(404, "not_found", f"no video job with id {job_id!r}", "id") from e
+            raise ApiError(404, "not_found", f"no video job with id {job_id!r}", param) from e
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
         self.get(job_id, tenant)

@@ -6,15 +6,22 @@ An edit repaints pixels only, so its output keeps the source's frame count, fram
 stream is stream-copied (the compressed packets, byte for byte, no decode/re-encode generation loss). Anything
 that cannot be read or written as a video raises `MediaError`, a `ValueError` the API maps to a 4xx.
 
+Inputs may be uploads, so every open is confined: the container is recognised by its magic bytes (ISO-BMFF/QuickTime
+or Matroska/WebM, nothing else) and that one demuxer is forced; FFmpeg reads a Python file object (never a URL or a
+path string) with no protocol allowed for nested opens, bounded probing and an I/O timeout. An SDP, HLS or ffconcat
+text is refused before FFmpeg sees it, so no socket or local file is ever opened on an upload's behalf.
+
 torch is imported only inside `read_video` (its frames are a tensor): the HTTP ingress probes uploads with this
 module and never loads torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +36,20 @@ if TYPE_CHECKING:
     from imagine.pipeline.types import DecodedMedia
 
 AUDIO_CHUNK = 1024  # samples per AAC frame
+OPEN_TIMEOUT_S = 10.0  # FFmpeg's I/O interrupt: no single open or read of an input may block for longer
+PROBE_BYTES = 5_000_000  # FFmpeg's probesize: bytes read to find the streams (its default, made explicit)
+PROBE_US = 5_000_000  # FFmpeg's analyzeduration: microseconds of media read to find the streams
+_QUICKTIME_BOXES = frozenset((b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"))  # a first box at offset 4
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+# Options of every input: nested opens (HLS segments, concat entries, RTP sessions, reference movies) would go
+# through protocols, and none is allowed; only the two accepted demuxers may run.
+_DEMUXER_OPTIONS = {
+    "protocol_whitelist": "",
+    "format_whitelist": "mov,matroska",
+    "probesize": str(PROBE_BYTES),
+    "analyzeduration": str(PROBE_US),
+}
+_PRIVATE_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}, "matroska": {}}
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -154,11 +175,39 @@ def _size(source: bytes | Path) -> int:
     return len(source) if isinstance(source, bytes) else source.stat().st_size
 
 
-def _open_input(source: bytes | Path, what: str = "") -> av.container.InputContainer:
-    try:
-        return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
-    except av.error.FFmpegError as e:
-        raise MediaError(f"{what}not a readable video container ({e})") from e
+def container_format(head: bytes) -> str | None:
+    """The FFmpeg demuxer of a file starting with `head` (its first 12 bytes suffice), or None when it is none of
+    the accepted containers: an ISO-BMFF / QuickTime box at offset 4 (MP4, MOV, M4V) -> "mov"; the EBML magic
+    (Matroska, WebM) -> "matroska"."""
+    if head[4:8] in _QUICKTIME_BOXES:
+        return "mov"
+    if head.startswith(_EBML_MAGIC):
+        return "matroska"
+    return None
+
+
+@contextlib.contextmanager
+def _open_input(source: bytes | Path, what: str = "") -> Iterator[av.container.InputContainer]:
+    """`source` opened for reading, confined (see the module docstring): the demuxer chosen by its magic bytes, read
+    through a Python file object, no nested protocol, bounded probing, an I/O timeout."""
+    with (io.BytesIO(source) if isinstance(source, bytes) else source.open("rb")) as file:
+        head = file.read(12)
+        demuxer = container_format(head)
+        if demuxer is None:
+            raise MediaError(
+                f"{what}not a readable video container: accepted are MP4/MOV and WebM/Matroska, and the data starts "
+                f"with {head[:12]!r}"
+            )
+        file.seek(0)
+        try:
+            container = av.open(
+                file, mode="r", format=demuxer, options={**_DEMUXER_OPTIONS, **_PRIVATE_OPTIONS[demuxer]},
+                timeout=OPEN_TIMEOUT_S,
+            )
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{what}not a readable video container ({e})") from e
+        with container:
+            yield container
 
 
 def _video_stream(container: av.container.InputContainer) -> tuple[av.VideoStream, Fraction]:
@@ -206,21 +255,39 @@ def _describe(
     )
 
 
-def probe(src: str | os.PathLike | bytes) -> MediaInfo:
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaTooLargeError(f"the video is {width}x{height}, over max_pixels={max_pixels}")
+
+
+def probe(src: str | os.PathLike | bytes, max_frames: int | None = None, max_pixels: int | None = None) -> MediaInfo:
     """Describe the video in `src` (a path or the file's bytes) without decoding it: the first frame is decoded
     (so the stream is known to decode, at its true size) and the video packets are counted as frames.
 
-    Raises `MediaError` for data FFmpeg cannot open, without a video stream, frame rate or decodable first frame.
+    Raises `MediaError` for data FFmpeg cannot open, without a video stream, frame rate or decodable first frame,
+    and `MediaTooLargeError` past `max_frames` (counting stops there) or past `max_pixels` (the size the container
+    declares is checked before the first frame is decoded, the decoded size after).
     """
+    for name, bound in (("max_frames", max_frames), ("max_pixels", max_pixels)):
+        if bound is not None and (not isinstance(bound, int) or bound < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {bound!r}")
     source = _encoded_source(src)
     with _open_input(source) as container:
         stream, frame_rate = _video_stream(container)
+        _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
         try:
             first = next(container.decode(stream), None)
             if first is None:
                 raise MediaError("the video stream has no decodable frame")
+            _check_pixels(first.width, first.height, max_pixels)
             container.seek(0)
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            num_frames = 0
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                num_frames += 1
+                if max_frames is not None and num_frames > max_frames:
+                    raise MediaTooLargeError(f"the video has more than max_frames={max_frames} frames")
         except av.error.FFmpegError as e:
             raise MediaError(f"the video stream cannot be decoded ({e})") from e
         return _describe(container, stream, first.width, first.height, frame_rate, num_frames, _size(source))

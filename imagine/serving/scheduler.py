@@ -59,12 +59,31 @@ def edit_spec_from_job(job: JobRecord) -> EditSpec:
     return EditSpec(text.prompt, text.negative_prompt, p.seed, p.num_inference_steps, p.guidance_scale)
 
 
-def _error(code: str, exc: BaseException) -> dict[str, str]:
+def replica_lost_errors() -> tuple[type[BaseException], ...]:
+    """What a stage call raises when the replica (or its node, or a rank) died under it rather than the job being
+    wrong: the job is re-queued for another attempt (from its checkpoint, if it has one), not failed."""
+    import ray.exceptions as rex
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (RankFailure, rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+            rex.LocalRayletDiedError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def _error(code: str, exc: BaseException, job_id: str) -> dict[str, str]:
+    """The job's client-visible error, in the service's words: an Imagine exception's own message (it is about the
+    request: a target not found, an unreadable source); anything else (Ray's actor ids, pids and addresses, a
+    library's traceback text) stays in the logs, which carry the job id."""
     cause = getattr(exc, "cause", None) or exc  # RayTaskError carries the replica's exception as .cause
-    return {"type": "server_error", "code": code, "message": f"{type(cause).__name__}: {cause}"[:1000]}
+    if caused_by(exc, replica_lost_errors()):
+        message = "the service lost the replica running this job more often than its retries allow"
+    elif type(cause).__module__.startswith("imagine."):
+        message = f"{type(cause).__name__}: {cause}"
+    else:
+        message = f"an internal error stopped this job (search the service logs for job {job_id})"
+    return {"type": "server_error", "code": code, "message": message[:1000]}
 
 
-def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+def caused_by(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
     """Whether `exc`, the replica exception a RayTaskError wraps (`.cause`), or anything in their chains is a
     `kind`."""
     seen: set[int] = set()
@@ -190,18 +209,18 @@ class SchedulerServer:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any stage failure fails this job, not the scheduler
-            if caused_by(e, RankFailure):
-                # a parallel replica lost a rank: the replica rebuilds its group; the job runs again (from its
-                # last checkpoint, if it has one) while it has attempts left
+            if caused_by(e, replica_lost_errors()):
+                # a stage replica (or a rank of a parallel one, or its node) died under the job: Serve replaces
+                # it; the job runs again (from its last checkpoint, if it has one) while it has attempts left
                 if await asyncio.to_thread(store.retry, job.id, job.attempt, self.config.scheduling.max_attempts):
-                    logger.warning("job %s attempt %d lost a rank; re-queued: %s", job.id, job.attempt, e)
+                    logger.warning("job %s attempt %d lost its replica; re-queued: %r", job.id, job.attempt, e)
                     self.dispatcher.nudge()
                     return
             logger.exception("job %s failed", job.id)
             code = "edit_failed" if job.kind == "edit" else "generation_failed"
             if caused_by(e, GroundingError):
                 code = "target_not_found"
-            if await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e)):
+            if await asyncio.to_thread(store.fail, job.id, job.attempt, _error(code, e, job.id)):
                 await self._ended(job)  # a failed job never resumes: its inputs, checkpoint and work files go
 
     def _pool(self, job: JobRecord) -> Any:
