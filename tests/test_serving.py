@@ -15,6 +15,8 @@ from imagine.models.tiny import ensure_tiny_ltx2
 from imagine.pipeline.media import probe
 
 pytestmark = pytest.mark.ray
+KILL_ROUNDS = 20
+OVERLOAD_QUEUE = 5  # the batch tier's queue bound in the overload test's app
 
 
 def _config(home: Path) -> AppConfig:
@@ -25,6 +27,9 @@ def _config(home: Path) -> AppConfig:
         max_inflight_jobs=2,
         # two denoiser replicas = two jobs really denoising at once (one each)
         denoiser={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        # the replica-kill test may hit one job again and again (a re-queued job keeps its place, so it is the next to
+        # start, on the next replica the test kills): it must not run out of attempts
+        scheduling={"max_attempts": KILL_ROUNDS + 5},
     )
 
 
@@ -198,6 +203,146 @@ def test_cancel_queued_and_running(served):
     assert served.wait_terminal(after)["status"] == "done"
 
 
+KILL_JOB = {**LONG, "num_inference_steps": 20}  # long enough to be caught mid-denoise, short enough for 20 rounds
+
+
+def _denoiser_pids() -> dict[str, int]:
+    """Live Denoiser replicas (actor id -> pid), from the GCS actor table."""
+    import ray._private.state
+
+    return {
+        actor_id: int(a["Pid"])
+        for actor_id, a in ray._private.state.actors().items()
+        if a.get("State") == "ALIVE" and (a.get("Name") or "").startswith("SERVE_REPLICA::imagine#Denoiser#")
+    }
+
+
+@pytest.mark.timeout(1200)
+def test_killed_denoiser_replicas_retry_their_jobs(served, tmp_path):
+    """SIGKILL a denoiser replica mid-denoise, KILL_ROUNDS times in a row: every job still ends done, billed exactly
+    once, its output decodes, and no client-visible error carried Ray's internals. Each round kills the replica that
+    is busy denoising (the one burning CPU) as soon as a job is mid-denoise, while the other replica works on."""
+    import os
+    import signal
+
+    import psutil
+
+    from imagine.jobs import JobStatus, JobStore
+    from imagine.jobs.ledger import billing_table
+    from imagine.serving.runner import SAMPLING_PROGRESS_SHARE
+    from serve_helpers import wait_until
+
+    from ray import serve
+
+    ready: set[int] = set()  # replicas seen serving: a starting replica (loading its model) also burns CPU
+    seen_pids: set[int] = set()  # replicas this test killed
+
+    def busiest_denoiser() -> int | None:
+        """The pid of a ready Denoiser replica that is computing (a denoising replica uses a whole core)."""
+        alive = set(_denoiser_pids().values())
+        states = serve.status().applications["imagine"].deployments["Denoiser"].replica_states
+        if states.get("RUNNING", 0) == len(alive):  # none of the live ones is starting: all of them are ready
+            ready.update(alive)
+        procs = []
+        for pid in (alive & ready) - seen_pids:  # (a killed replica may still be listed alive for a moment)
+            try:
+                procs.append(psutil.Process(pid))
+                procs[-1].cpu_percent(None)
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.3)
+        usage = []
+        for p in procs:
+            try:
+                usage.append((p.cpu_percent(None), p.pid))
+            except psutil.NoSuchProcess:
+                pass
+        usage.sort(reverse=True)
+        return usage[0][1] if usage and usage[0][0] > 40 else None
+
+    store = JobStore(served.config.resolved_database_url)
+    ids: list[str] = []
+    try:
+        for round_ in range(KILL_ROUNDS):
+            ids.append(served.submit(seed=100 + len(ids), **KILL_JOB))  # a new job every round (KILL_ROUNDS jobs+)
+            while len(store.list_by_status(JobStatus.QUEUED)) < 2:  # and work waiting, so every round finds some
+                ids.append(served.submit(seed=100 + len(ids), **KILL_JOB))
+
+            def victim() -> int | None:
+                running = store.list_by_status(JobStatus.RUNNING)
+                if not any(j.id in ids and 0.05 < j.progress < SAMPLING_PROGRESS_SHARE - 0.1 for j in running):
+                    return None
+                return busiest_denoiser()
+
+            deadline = time.monotonic() + 180
+            while (pid := victim()) is None:
+                assert time.monotonic() < deadline, f"round {round_}: no job denoising within 180 s"
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            seen_pids.add(pid)
+        try:
+            jobs = [served.wait_terminal(job_id, timeout=300) for job_id in ids]
+        except BaseException:
+            print({j[:8]: (r.status.value, r.attempt, round(r.progress, 3)) for j in ids for r in [store.get(j)]})
+            raise
+    finally:
+        store.close()
+    assert [j["status"] for j in jobs] == ["done"] * len(ids), [j.get("error") for j in jobs]
+    store = JobStore(served.config.resolved_database_url)
+    try:
+        with store.engine.connect() as conn:
+            billed = [r.job_id for r in conn.execute(billing_table.select().where(billing_table.c.job_id.in_(ids)))]
+        attempts = {job_id: store.get(job_id).attempt for job_id in ids}
+    finally:
+        store.close()
+    assert sorted(billed) == sorted(ids)  # each exactly once (the billing row is keyed by job)
+    reruns = sum(attempts.values()) - len(ids)
+    assert reruns >= KILL_ROUNDS - 2, reruns  # each kill re-ran the job it hit (a kill racing a job's last step: not)
+    for job in jobs:
+        path = tmp_path / f"{job['id']}.mp4"
+        path.write_bytes(served.http.get(f"/v1/videos/{job['id']}/content").content)
+        info = probe(path)
+        assert info.video_codec == "h264" and info.audio_codec == "aac"
+    print(f"\nkilled {KILL_ROUNDS} denoiser replicas mid-denoise: {len(ids)}/{len(ids)} jobs done, {reruns} re-runs, "
+          "0 lost, each billed once")
+
+
+def test_killed_scheduler_requeues_and_nothing_completes_twice(served):
+    """SIGKILL the scheduler replica while two jobs denoise: Serve starts a new one, which re-queues them (their old
+    attempts are fenced off at their next step); every job ends done, decoded and billed exactly once."""
+    import os
+    import signal
+
+    import ray._private.state
+
+    from imagine.jobs import JobStatus, JobStore
+    from imagine.jobs.ledger import billing_table, usage_table
+    from serve_helpers import wait_until
+
+    def scheduler_pids() -> set[int]:
+        return {int(a["Pid"]) for a in ray._private.state.actors().values()
+                if a.get("State") == "ALIVE" and (a.get("Name") or "").startswith("SERVE_REPLICA::imagine#Scheduler#")}
+
+    store = JobStore(served.config.resolved_database_url)
+    ids = [served.submit(seed=300 + i, **KILL_JOB) for i in range(4)]
+    try:
+        wait_until(lambda: sum(j.id in ids and j.progress > 0.05 for j in store.list_by_status(JobStatus.RUNNING)) == 2,
+                   120, "two jobs denoising")
+        (pid,) = scheduler_pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: scheduler_pids() - {pid}, 120, "a new scheduler replica")
+        jobs = [served.wait_terminal(job_id, timeout=300) for job_id in ids]
+        assert [j["status"] for j in jobs] == ["done"] * 4, jobs
+        with store.engine.connect() as conn:
+            decodes = [r.job_id for r in conn.execute(
+                usage_table.select().where(usage_table.c.job_id.in_(ids), usage_table.c.stage == "decoder"))]
+            billed = [r.job_id for r in conn.execute(billing_table.select().where(billing_table.c.job_id.in_(ids)))]
+        assert sorted(decodes) == sorted(ids) and sorted(billed) == sorted(ids)  # each decoded and billed once
+        assert max(store.get(j).attempt for j in ids) >= 2  # the running ones really were re-queued
+    finally:
+        store.close()
+
+
 def _autoscaling(config: AppConfig) -> AppConfig:
     """`config` with an autoscaling denoiser (1..2 replicas) whose job capacity follows the live replicas."""
     config = config.model_copy(deep=True)
@@ -216,21 +361,42 @@ def _redeploy(served: Served, config: AppConfig) -> None:
     served.deploy()
 
 
-def test_restart_loses_nothing(served):
-    """The restart comes back with an autoscaling denoiser: the next test needs that deploy anyway (a deploy is
-    ~30 s on 2 cores), and a restart that also changes the config must lose nothing either."""
+@pytest.mark.timeout(900)
+def test_restart_loses_nothing_and_keeps_policy_order(served):
+    """Restart the app mid-job, then again with 100 jobs queued across the three tiers: nothing is lost, the job
+    that was running is re-queued once, and once dispatch resumes the jobs start in policy order (every realtime
+    job, then standard, then batch; each tier first-come first-served). The first restart pauses dispatch, so the
+    100 are queued, not running, when the second comes. The last deploy is the autoscaling denoiser the next test
+    needs (a deploy is ~30 s on 2 cores)."""
+    from imagine.jobs import JobStore
+
     running = served.submit(**{**SMALL, "num_inference_steps": 40})
     queued = [served.submit(seed=s, **SMALL) for s in range(3)]
     served.wait_for(running, lambda j: j["status"] == "running" and j["progress"] > 0)
-    _redeploy(served, _autoscaling(served.config))
-    for job_id in [running, *queued]:
-        job = served.wait_terminal(job_id, timeout=240)
-        assert job["status"] == "done", job
-    from imagine.jobs import JobStore
+    paused = served.config.model_copy(deep=True)
+    paused.scheduling.paused = True
+    _redeploy(served, paused)  # every replica dies mid-job
+    tiers = ("batch", "standard", "realtime")
+    many = [served.submit(priority=tiers[i % 3], seed=1000 + i, **{**SMALL, "num_inference_steps": 1})
+            for i in range(100)]
+    time.sleep(2)
+    assert {served.job(j)["status"] for j in [running, *queued, *many]} == {"queued"}  # paused: none started
+    resumed = _autoscaling(served.config)
+    resumed.scheduling.paused = False
+    _redeploy(served, resumed)
+    jobs = [served.wait_terminal(job_id, timeout=600) for job_id in [running, *queued, *many]]
+    assert [j["status"] for j in jobs] == ["done"] * len(jobs), [j.get("error") for j in jobs if j["status"] != "done"]
 
     store = JobStore(served.config.resolved_database_url)
-    assert store.get(running).attempt == 2  # re-queued once, then finished
-    store.close()
+    try:
+        assert store.get(running).attempt == 2  # re-queued once by the first restart, then finished
+        records = [store.get(j) for j in many]  # (of the first four, some may have finished before the restart)
+    finally:
+        store.close()
+    rank = {"realtime": 0, "standard": 1, "batch": 2}
+    started = sorted(records, key=lambda r: r.started_at)
+    expected = sorted(records, key=lambda r: (rank[r.priority], r.created_at))
+    assert [r.id for r in started] == [r.id for r in expected]
 
 
 def test_denoisers_scale_up_on_queued_work_and_back_down(served):
@@ -260,3 +426,58 @@ def test_denoisers_scale_up_on_queued_work_and_back_down(served):
     while denoiser_replicas() > 1:
         assert time.monotonic() < deadline, "idle denoisers did not scale back down"
         time.sleep(0.5)
+
+
+OVERLOAD_S = 60
+
+
+@pytest.mark.timeout(900)
+def test_overload_is_refused_with_retry_after_and_every_accepted_job_finishes(served):
+    """Submissions at ~3x the rate the app drains them, for OVERLOAD_S seconds, into a batch tier bounded at
+    OVERLOAD_QUEUE: the excess gets 429 with Retry-After (never a 5xx or a hang), every accepted job is in the store
+    and ends done, and the ingress replica's memory stays bounded."""
+    import psutil
+    import ray._private.state
+
+    def ingress_rss() -> int:
+        (pid,) = [int(a["Pid"]) for a in ray._private.state.actors().values()
+                  if a.get("State") == "ALIVE" and (a.get("Name") or "").startswith("SERVE_REPLICA::imagine#Ingress#")]
+        return psutil.Process(pid).memory_info().rss
+
+    bounded = served.config.model_copy(deep=True)
+    bounded.scheduling.max_queued_per_tier = {"realtime": 1000, "standard": 10_000, "batch": OVERLOAD_QUEUE}
+    _redeploy(served, bounded)
+    body = {"prompt": "overload", **SMALL, "num_inference_steps": 1}
+    # the drain rate: how fast this app finishes such jobs, four at once
+    started = time.monotonic()
+    warmup = [served.submit(priority="batch", seed=i, **body) for i in range(4)]
+    assert [served.wait_terminal(j)["status"] for j in warmup] == ["done"] * 4
+    rate = 3 * 4 / (time.monotonic() - started)  # 3x the accepted (drain) rate, in submissions per second
+    accepted, refused, other = [], 0, []
+    rss_start = rss_peak = ingress_rss()
+    end = time.monotonic() + OVERLOAD_S
+    sent = 0
+    while (now := time.monotonic()) < end:
+        resp = served.http.post("/v1/videos/generations", json={**body, "seed": 100 + sent},
+                                headers={"X-Priority": "batch"})
+        sent += 1
+        if resp.status_code == 202:
+            accepted.append(resp.json()["request_id"])
+        elif resp.status_code == 429:
+            assert int(resp.headers["Retry-After"]) >= 1 and resp.json()["error"]["type"] == "rate_limit_error"
+            refused += 1
+        else:
+            other.append((resp.status_code, resp.text[:200]))
+        if sent % 20 == 0:
+            rss_peak = max(rss_peak, ingress_rss())
+        time.sleep(max(0.0, 1 / rate - (time.monotonic() - now)))  # paced at `rate`
+    assert not other, other
+    assert refused > 0 and len(accepted) > OVERLOAD_QUEUE  # the bound bit, and work kept flowing through it
+    jobs = [served.wait_terminal(job_id, timeout=600) for job_id in accepted]
+    assert [j["status"] for j in jobs] == ["done"] * len(accepted)
+    growth_mib = (rss_peak - rss_start) / 2**20
+    assert growth_mib < 150, growth_mib
+    print(f"\noverload {OVERLOAD_S} s at {rate:.1f}/s (3x drain): sent {sent}, accepted {len(accepted)} (all done), "
+          f"refused {refused} with 429 + Retry-After, 0 errors; ingress RSS {rss_start / 2**20:.0f} -> peak "
+          f"{rss_peak / 2**20:.0f} MiB")
+

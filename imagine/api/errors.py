@@ -100,3 +100,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # a bug on our side: still JSON, and the message does not leak internals
         return error_response(ApiError(500, "internal_error", f"internal error ({type(exc).__name__})", None, "server_error"))
+
+
+# the error statuses every route may answer (OpenAPI `responses`; the JSON error body names the parameter)
+ERROR_RESPONSES: dict[int | str, dict[str, str]] = {
+    400: {"description": "Bad input (JSON error body names the parameter)"},
+    401: {"description": "Missing, unknown or revoked API key"},
+    404: {"description": "Unknown id (or another tenant's)"},
+    409: {"description": "Conflicting state"},
+    413: {"description": "Request body too large (param: body)"},
+    422: {"description": "Invalid parameter"},
+}

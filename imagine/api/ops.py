@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imagine.api.errors import ApiError, unauthorized
+from imagine.api.errors import ERROR_RESPONSES, ApiError, unauthorized
 from imagine.config import METRICS_TOKEN_ENV, TIERS, AccountingConfig, MetricsConfig
 from imagine.jobs.ledger import GROUP_BY, Ledger
 from imagine.jobs.store import JobStatus, JobStore, jobs_table
@@ -208,7 +208,7 @@ def create_ops_router(
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(store, ledger, accounting_config))
 
-    @router.get("/v1/usage", tags=["usage"])
+    @router.get("/v1/usage", tags=["usage"], responses=ERROR_RESPONSES)
     def get_usage(
         principal: Any = Depends(principal_dependency),  # noqa: B008 - FastAPI's dependency idiom
         start: str | None = Query(None, description="Unix seconds or ISO date/datetime (default: end - 30 days)."),

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from imagine import __version__
 from imagine.api.auth import principal_dependency
-from imagine.api.errors import ApiError, install_error_handlers, rate_limited
+from imagine.api.errors import ERROR_RESPONSES, ApiError, install_error_handlers, rate_limited
 from imagine.api.events import JobWatchers, PollPolicy, StreamSlots, job_state
 from imagine.api.http import BodyLimitMiddleware, body_limits, create_options, parse_range
 from imagine.api.ops import create_ops_router
@@ -29,13 +29,7 @@ from imagine.api.schemas import (
 from imagine.api.service import Created, CreateOptions, JobService
 from imagine.jobs import JobRecord
 
-_ERROR_RESPONSES = {
-    400: {"description": "Bad input (JSON error body names the parameter)"},
-    401: {"description": "Missing, unknown or revoked API key"},
-    404: {"description": "Unknown id (or another tenant's)"},
-    409: {"description": "Conflicting state"},
-    422: {"description": "Invalid parameter"},
-}
+_ERROR_RESPONSES = ERROR_RESPONSES
 STREAM_RETRY_AFTER_S = 5.0  # Retry-After of a 429 for one event stream too many
 
 
@@ -89,7 +83,7 @@ def create_api(service: JobService) -> FastAPI:
         """Liveness: nothing about jobs or tenants (operators read `/metrics`)."""
         return {"status": "ok"}
 
-    @app.get("/v1/models", tags=["models"], dependencies=[Caller])
+    @app.get("/v1/models", tags=["models"], dependencies=[Caller], responses=_ERROR_RESPONSES)
     def list_models() -> dict:
         return {"object": "list", "data": [m.model_dump() for m in service.models()]}
 
@@ -136,7 +130,9 @@ def create_api(service: JobService) -> FastAPI:
 
     @app.get(
         "/v1/videos/{job_id}/events", tags=["videos"],
-        responses={**_ERROR_RESPONSES, 429: {"description": "Too many open event streams of this key; see Retry-After"}},
+        responses={**_ERROR_RESPONSES, 429: {"description": "Too many open event streams of this key; see Retry-After"},
+                   200: {"description": "Server-sent `status` events, each the job", "content": {"text/event-stream": {}}}},
+        response_class=EventSourceResponse,
     )
     async def video_events(
         job_id: str,
@@ -182,7 +178,11 @@ def create_api(service: JobService) -> FastAPI:
 
         return _SlotStream(events(), release, ping=15)
 
-    @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses={**_ERROR_RESPONSES, 206: {"description": "Partial"}})
+    @app.get("/v1/videos/{job_id}/content", tags=["videos"], response_class=StreamingResponse, responses={
+        **_ERROR_RESPONSES, 200: {"description": "The MP4", "content": {"video/mp4": {}}},
+        206: {"description": "Partial", "content": {"video/mp4": {}}}, 410: {"description": "The video expired (retention)"},
+        416: {"description": "Range not satisfiable"},
+    })
     def video_content(
         job_id: str, principal: Principal = Caller, range_header: str | None = Header(None, alias="Range")
     ) -> Response:
