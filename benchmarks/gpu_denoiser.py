@@ -41,15 +41,17 @@ Last line: key=value pairs (per resolution: tokens, step seconds, TFLOP per step
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from imagine.pipeline.sizing import plan_video
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imagine.pipeline.sizing import plan_video  # noqa: E402
 
 SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION = 32, 8
 AUDIO_LATENTS_PER_SECOND = 16000 / 160 / 4
@@ -77,19 +79,16 @@ def clip_tokens(resolution: str, duration_s: float, fps: float, aspect_ratio: st
 
 
 def transformer_config(model: str, layers: int | None) -> dict[str, Any]:
-    from diffusers import LTX2VideoTransformer3DModel
-
     if model == "tiny":
         from imagine.models.tiny import TRANSFORMER_CONFIG
 
         config = dict(TRANSFORMER_CONFIG)
-    else:  # diffusers' defaults are the real LTX-2 19B sizes; read them off a weightless instance
-        with torch.device("meta"):
-            defaults = LTX2VideoTransformer3DModel().config
-        config = {key: value for key, value in defaults.items() if not key.startswith("_")}
-    if layers is not None:
-        config["num_layers"] = layers
-    return config
+        if layers is not None:
+            config["num_layers"] = layers
+        return config
+    from imagine.models.full_size import transformer_config as full_config  # diffusers' defaults: the real sizes
+
+    return full_config(layers)
 
 
 def step_flops(config: dict[str, Any], tokens: Tokens, batch: int) -> float:
@@ -133,19 +132,9 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
     """Random weights straight on `device` in `dtype` (built on the meta device: no fp32 copy, no CPU init)."""
     from diffusers import LTX2VideoTransformer3DModel
 
-    with torch.device("meta"):
-        model = LTX2VideoTransformer3DModel(**config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif param.ndim >= 2:  # fan-in scaled, so activations stay O(1) through 48 blocks
-                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]), generator=generator)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return model.eval()
+    from imagine.models.full_size import build_on_device
+
+    return build_on_device(LTX2VideoTransformer3DModel, config, device, dtype)
 
 
 def make_inputs(config: dict[str, Any], tokens: Tokens, batch: int, device: torch.device, dtype) -> dict[str, Any]:

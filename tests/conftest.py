@@ -226,7 +226,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_storage",
     ),
     "pipeline": (
-        "test_dist", "test_grounding", "test_masks", "test_media", "test_models", "test_parallel_sp",
+        "test_dist", "test_gpu_session", "test_grounding", "test_masks", "test_media", "test_models", "test_parallel_sp",
         "test_parallel_tp", "test_pipeline", "test_runner", "test_tiled_decode", "test_vace",
     ),
     "ray": ("test_edit_serving", "test_parallel_serving", "test_placement", "test_ranks", "test_serving"),

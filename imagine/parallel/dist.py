@@ -91,11 +91,16 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _rank_main(fn, rank, world_size, port, args, results, torch_threads) -> None:
+def _rank_main(fn, rank, world_size, port, args, results, torch_threads, device) -> None:
     try:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        init_distributed(rank, world_size, "127.0.0.1", port, backend="gloo")
+        local_rank = None
+        if torch.device(device).type == "cuda":  # every rank on the one device: DeepSpeed binds cuda:LOCAL_RANK
+            index = torch.device(device).index or 0
+            torch.cuda.set_device(index)
+            local_rank = index
+        init_distributed(rank, world_size, "127.0.0.1", port, backend="gloo", local_rank=local_rank)
         try:
             out = fn(rank, world_size, *args)
         finally:
@@ -106,16 +111,27 @@ def _rank_main(fn, rank, world_size, port, args, results, torch_threads) -> None
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0, torch_threads: int = 1
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    torch_threads: int = 1,
+    device: str = "cpu",
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined in one gloo group; return the
     per-rank results (picklable) in rank order. Raises RuntimeError with the rank's traceback if any rank fails,
-    or TimeoutError after `timeout_s`. `fn` must be importable (module level)."""
+    or TimeoutError after `timeout_s`. `fn` must be importable (module level).
+
+    `device="cuda[:i]"` puts EVERY rank on that one GPU (current device and `LOCAL_RANK` = i), still over gloo with
+    CUDA tensors: NCCL refuses two ranks on one GPU, and this is how sequence / tensor parallel is checked for
+    correctness on a one-GPU machine (not for speed: gloo stages CUDA tensors through the host)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results, torch_threads), daemon=True)
+        ctx.Process(
+            target=_rank_main, args=(fn, r, world_size, port, args, results, torch_threads, device), daemon=True
+        )
         for r in range(world_size)
     ]
     for p in procs:
