@@ -164,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with tqdm(total=100, unit="%", desc="generating", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/100 [{elapsed}]") as bar:
 
             def update(job: dict[str, Any]) -> None:
-                bar.set_postfix_str(job["status"])
+                bar.set_postfix_str(job["state"])
                 bar.update(round(job["progress"] * 100, 1) - bar.n)
 
             job = client.wait(job_id, timeout=args.timeout, on_update=update)

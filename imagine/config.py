@@ -36,8 +36,13 @@ class ModelConfig(_Strict):
         None, description="Endpoint of an S3-compatible store for s3:// sources (None = AWS default)."
     )
     device: str = Field("cpu", description="torch device for the model stages, e.g. `cpu` or `cuda`.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="torch dtype the weights are cast to."
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="torch dtype the weights are loaded in; None = auto: bfloat16 on `cuda[:N]`, float32 elsewhere "
+        "(see `resolved_dtype`).",
+    )
+    tf32: bool = Field(
+        True, description="TF32 matmuls and cuDNN convolutions for float32 work on CUDA (off: full float32 products)."
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads per replica (None = torch default)."
@@ -49,6 +54,20 @@ class ModelConfig(_Strict):
         if value.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device must be cpu, cuda[:N] or mps, got {value!r}")
         return value
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the model stages run on a CUDA device (`cuda` or `cuda:N`)."""
+        return self.device.split(":")[0] == "cuda"
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype the weights are loaded in: `dtype`, or bfloat16 on CUDA (what LTX-2 and Wan are trained and
+        served in; half the memory and several times the tensor-core rate of float32) and float32 elsewhere (CPU
+        kernels are fastest and exact in float32)."""
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.on_cuda else "float32"
 
 
 class AutoscalingConfig(_Strict):
@@ -77,17 +96,31 @@ class DeploymentConfig(_Strict):
     """Resources and scaling of one Serve deployment."""
 
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs reserved per replica; None = auto: 1 for a deployment that runs a model (text_encoder, "
+        "decoder, grounder, edit_codec, every denoiser pool) when `model.device` is cuda, else 0. A fraction (0.5) "
+        "lets two stages share a card.",
+    )
     max_ongoing_requests: int = Field(1, ge=1, le=10_000, description="Concurrent requests per replica.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     access_log: bool = Field(True, description="Serve's per-request access log lines (off saves CPU at high rates).")
 
-    def ray_actor_options(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+    def gpus(self, runs_model: bool = False, cuda: bool = False) -> float:
+        """GPUs one replica reserves: `num_gpus` when set, else (auto) one for a deployment that runs a model on
+        CUDA and none otherwise. Without a reservation Ray hides no GPU from the replica and it lands on cuda:0,
+        beside every other unreserved one. `AppConfig.stage_options` says which deployments run a model."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1.0 if runs_model and cuda else 0.0
 
-    def serve_options(self) -> dict[str, Any]:
+    def ray_actor_options(self, runs_model: bool = False, cuda: bool = False) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.gpus(runs_model, cuda)}
+
+    def serve_options(self, runs_model: bool = False, cuda: bool = False) -> dict[str, Any]:
         return {
-            "ray_actor_options": self.ray_actor_options(),
+            "ray_actor_options": self.ray_actor_options(runs_model, cuda),
             "max_ongoing_requests": self.max_ongoing_requests,
             "autoscaling_config": self.autoscaling.model_dump(exclude_none=True),
             "logging_config": {"enable_access_log": self.access_log},
@@ -102,6 +135,12 @@ class ParallelConfig(_Strict):
     cpus_per_rank: float = Field(0.25, ge=0, description="CPUs reserved per rank worker.")
     timeout_s: float = Field(
         120.0, gt=0, description="Collective timeout: a rank stuck this long fails the job instead of hanging."
+    )
+    setup_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Bound on starting the ranks (actor start, process-group join, loading and sharding the model); "
+        "None = auto: 120 s + 10 s per GiB of the weights the pool's sampler loads.",
     )
 
     @model_validator(mode="after")
@@ -119,8 +158,9 @@ class ParallelConfig(_Strict):
 
 
 class DenoiserConfig(DeploymentConfig):
-    """A denoiser deployment: resources, scaling and its parallel degree. With a degree > 1 the replica
-    reserves one GPU bundle per rank (`num_gpus` then applies per rank, not to the replica)."""
+    """A denoiser deployment: resources, scaling and its parallel degree. With a degree > 1 the replica itself
+    holds no GPU and reserves one bundle of one GPU per rank (on CPU only when `num_gpus` > 0: see
+    `AppConfig.ranks_hold_gpus`)."""
 
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Ranks per replica.")
 
@@ -303,6 +343,9 @@ class LimitsConfig(_Strict):
 
 
 EDIT_POOL = "editor"  # the denoiser pool of edit jobs (its preset is `edit.preset`)
+# deployments that load a model besides the denoiser pools, and those that never do (AppConfig field names)
+MODEL_STAGES = ("text_encoder", "decoder", "grounder", "edit_codec")
+CONTROL_DEPLOYMENTS = ("ingress", "scheduler")
 
 TIERS = ("realtime", "standard", "batch")  # strict priority order, highest first
 Tier = Literal["realtime", "standard", "batch"]
@@ -385,17 +428,43 @@ class AccountingConfig(_Strict):
     )
 
 
-def _ingress_default() -> DeploymentConfig:
-    return DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
+class ControlDeploymentConfig(DeploymentConfig):
+    """A deployment that runs no model (the ingress, the scheduler): it reserves no GPU unless told to."""
+
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (it runs no model: none by default).")
 
 
-def _scheduler_default() -> DeploymentConfig:
-    return DeploymentConfig(num_cpus=0.05, max_ongoing_requests=1000)
+def _ingress_default() -> ControlDeploymentConfig:
+    return ControlDeploymentConfig(num_cpus=0.1, num_gpus=0.0, max_ongoing_requests=256)
+
+
+def _scheduler_default() -> ControlDeploymentConfig:
+    return ControlDeploymentConfig(num_cpus=0.05, num_gpus=0.0, max_ongoing_requests=1000)
 
 
 def _stage_default() -> DeploymentConfig:
     # a stage replica runs one request at a time on its torch thread; more would only queue inside it
     return DeploymentConfig(num_cpus=0.25, max_ongoing_requests=1)
+
+
+# model names of the hosted APIs -> the served default (requests written from their docs run unchanged)
+MODEL_ALIASES = {"grok-imagine-video": "default", "sora-2": "default", "sora-2-pro": "default"}
+
+
+class RemoteMediaConfig(_Strict):
+    """`https://` media inputs (image_url / image, video_url / video, mask.video_url), fetched once by the API with
+    every resolved address checked (`imagine.api.fetch`)."""
+
+    enabled: bool = Field(True, description="Fetch http(s) URLs at all (off: data URIs only).")
+    allow_http: bool = Field(False, description="Also plain http:// (https only by default).")
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="Host names or IPs fetched without the address policy (exact, case-"
+        "insensitive): for tests and private media servers. Such a host may resolve to a private address.",
+    )
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed, each re-checked.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=60, description="Per connection attempt.")
+    total_timeout_s: float = Field(30.0, gt=0, le=600, description="The whole fetch: redirects and body included.")
+    user_agent: str = Field("imagine-media-fetcher/1", description="User-Agent of the fetcher.")
 
 
 class AppConfig(_Strict):
@@ -427,6 +496,14 @@ class AppConfig(_Strict):
         None, description="Base URL clients reach the API at, used for `video.url` (None = from the request)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The generation model.")
+    model_aliases: dict[str, str] = Field(
+        default_factory=lambda: dict(MODEL_ALIASES),
+        description="Model names clients send -> the preset they get ('default': the route's default model), so a "
+        "request written for xAI (`grok-imagine-video`) or OpenAI (`sora-2`) runs on the served model.",
+    )
+    remote_media: RemoteMediaConfig = Field(
+        default_factory=lambda: RemoteMediaConfig(), description="Fetching https:// media inputs (images, videos)."
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, idempotency.")
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig, description="Priority and fairness.")
     accounting: AccountingConfig = Field(default_factory=AccountingConfig, description="Cost and price.")
@@ -450,8 +527,8 @@ class AppConfig(_Strict):
     mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"] = (
         Field("veryfast", description="x264 preset of the output MP4 (encode speed vs size).")
     )
-    ingress: DeploymentConfig = Field(default_factory=_ingress_default, description="HTTP ingress.")
-    scheduler: DeploymentConfig = Field(default_factory=_scheduler_default, description="Job dispatcher.")
+    ingress: ControlDeploymentConfig = Field(default_factory=_ingress_default, description="HTTP ingress.")
+    scheduler: ControlDeploymentConfig = Field(default_factory=_scheduler_default, description="Job dispatcher.")
     text_encoder: DeploymentConfig = Field(default_factory=_stage_default, description="Prompt encoder.")
     denoiser: DenoiserConfig = Field(default_factory=lambda: DenoiserConfig(**_stage_default().model_dump()),
                                      description="Sampling loop (the default pool, `denoiser`).")
@@ -529,6 +606,35 @@ class AppConfig(_Strict):
         if self.edit.enabled:
             pools[EDIT_POOL] = self.editor
         return pools
+
+    def _deployment(self, name: str) -> tuple[DeploymentConfig, bool]:
+        """(config block, whether it runs a model) of deployment `name`: a field or a denoiser pool name."""
+        pools = {**self.denoiser_pools(), EDIT_POOL: self.editor}
+        if name in pools:
+            return pools[name], True
+        if name in MODEL_STAGES:
+            return getattr(self, name), True
+        if name in CONTROL_DEPLOYMENTS:
+            return getattr(self, name), False
+        raise ValueError(
+            f"no deployment {name!r}; deployments: {[*CONTROL_DEPLOYMENTS, *MODEL_STAGES, *pools]}"
+        )
+
+    def stage_gpus(self, name: str) -> float:
+        """GPUs one replica of deployment `name` reserves, auto `num_gpus` resolved (see `DeploymentConfig.gpus`)."""
+        block, runs_model = self._deployment(name)
+        return block.gpus(runs_model, self.model.on_cuda)
+
+    def stage_options(self, name: str) -> dict[str, Any]:
+        """Serve options of deployment `name` (`ingress`, `scheduler`, a model stage or a denoiser pool), auto
+        `num_gpus` resolved. A parallel pool's replica is laid out further by `imagine.serving.app.denoiser_options`."""
+        block, runs_model = self._deployment(name)
+        return block.serve_options(runs_model, self.model.on_cuda)
+
+    def ranks_hold_gpus(self, pool: str) -> bool:
+        """Whether each rank of parallel pool `pool` reserves a GPU: always on CUDA (Ray gives each rank its own
+        card); on CPU when the pool's `num_gpus` is set above 0 (CPU clusters and tests modelling GPU nodes)."""
+        return self.model.on_cuda or self.stage_gpus(pool) > 0
 
     @property
     def resolved_database_url(self) -> str:

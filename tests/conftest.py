@@ -219,10 +219,10 @@ def make_env() -> Iterator[Callable[..., ApiEnv]]:
 # -- tiers: every test module belongs to exactly one (pyproject markers); `-m "not ray"` is the fast loop ----------
 TIERS: dict[str, tuple[str, ...]] = {
     "unit": (
-        "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_edit_api", "test_fuzz",
+        "test_admission", "test_api", "test_app_config", "test_auth", "test_autoscaling", "test_dialects", "test_edit_api", "test_fuzz",
         "test_hardening_api", "test_idempotency", "test_instructions", "test_intake", "test_jobs", "test_layering", "test_ledger",
-        "test_migrations",
-        "test_hostile_media", "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_retention", "test_routing",
+        "test_cuda_defaults", "test_migrations",
+        "test_hostile_media", "test_parallel_layout", "test_params", "test_policy", "test_postgres", "test_remote", "test_retention", "test_routing",
         "test_storage",
     ),
     "pipeline": (

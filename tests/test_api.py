@@ -50,7 +50,7 @@ def test_create_resolves_and_stores_the_request(env):
     job_id = resp.json()["request_id"]
     assert nudges == [1]
     job = client.get(f"/v1/videos/{job_id}").json()
-    assert job["status"] == "queued" and job["progress"] == 0 and job["priority"] == "standard"
+    assert job["status"] == "pending" and job["state"] == "queued" and job["progress"] == 0 and job["priority"] == "standard"
     req = job["request"]
     assert (req["width"], req["height"], req["num_frames"], req["fps"]) == (864, 480, 49, 24.0)
     assert req["seed"] == 7 and req["has_image"] is False
@@ -102,7 +102,10 @@ BAD_INPUTS = [
     ({"prompt": "p", "aspect_ratio": "21:9"}, 422, "aspect_ratio"),
     ({"prompt": "p", "model": "sora-9"}, 400, "model"),
     ({"prompt": "p", "durration": 3}, 422, "durration"),
-    ({"prompt": "p", "image_url": "https://example.com/cat.png"}, 400, "image_url"),
+    ({"prompt": "p", "image_url": "https://127.0.0.1/cat.png"}, 400, "image_url"),  # loopback: refused unfetched
+    ({"prompt": "p", "image": {"url": "https://169.254.169.254/latest"}}, 400, "image.url"),
+    ({"prompt": "p", "image": {"url": "data:image/png;base64,AA=="}, "image_url": "data:,x"}, 422, "body"),
+    ({"prompt": "p", "reference_images": [{"url": "data:image/png;base64,AA=="}]}, 422, "reference_images"),
     ({"prompt": "p", "image_url": "data:image/png;base64,@@@not-base64@@@"}, 400, "image_url"),
     ({"prompt": "p", "image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}, 400, "image_url"),
     ({"prompt": "p", "image_url": "data:text/plain;base64," + base64.b64encode(b"hello").decode()}, 400, "image_url"),
@@ -216,7 +219,7 @@ def test_running_cancel_sets_flag_not_status(env):
     rid = client.post("/v1/videos/generations", json={"prompt": "p"}).json()["request_id"]
     job = store.claim_next()
     resp = client.post(f"/v1/videos/{rid}/cancel")
-    assert resp.status_code == 200 and resp.json()["status"] == "running"
+    assert resp.status_code == 200 and resp.json()["state"] == "running"
     assert store.report_progress(rid, job.attempt, 0.5) == "cancel"  # the denoiser's hook sees the cancel
     assert store.mark_cancelled(rid, job.attempt)
     assert store.get(rid).status == JobStatus.CANCELLED

@@ -70,3 +70,69 @@ def test_shipped_serve_config_builds_every_deployment_with_its_options():
         assert d.ray_actor_options["num_cpus"] == args[key]["num_cpus"], name
         assert d.max_ongoing_requests == args[key]["max_ongoing_requests"], name
     assert not {"Grounder", "EditCodec", "Editor"} & set(_deployments(build_app({**args, "edit": {"enabled": False}})))
+
+
+# -- GPU reservations: `num_gpus: null` (auto) resolved per deployment ----------------------------------------------
+MODEL_DEPLOYMENTS = ("TextEncoder", "Denoiser", "Denoiser-sp2", "Decoder", "Grounder", "EditCodec", "Editor")
+
+
+def _gpus(deployment) -> float:
+    return deployment.ray_actor_options.get("num_gpus", 0)
+
+
+def _rank_bundles(deployment) -> list[dict]:
+    bundles = deployment._replica_config.placement_group_bundles
+    assert bundles is not None and deployment._replica_config.placement_group_strategy == "STRICT_PACK"
+    return bundles[1:]  # bundle 0 is the replica's own
+
+
+def test_on_cpu_no_deployment_reserves_a_gpu_by_default():
+    deployments = _deployments(build_app({"denoiser_variants": {"sp2": {"parallel": {"sequence": 2}}}}))
+    assert set(MODEL_DEPLOYMENTS) < set(deployments)
+    for name, d in deployments.items():
+        assert _gpus(d) == 0, name
+    assert all("GPU" not in bundle for bundle in _rank_bundles(deployments["Denoiser-sp2"]))
+
+
+def test_on_cuda_each_model_stage_reserves_one_gpu_and_explicit_values_are_kept():
+    """cuda: 1 GPU per model stage / pool replica, none for the ingress and scheduler (given or not in the config);
+    explicit values win (0.5 shares a card, 0 is kept, not taken for auto); a parallel pool's replica holds none and
+    each rank bundle one, whatever its num_gpus."""
+    args = {
+        "model": {"device": "cuda"},
+        "ingress": {"num_cpus": 0.2},  # given without num_gpus: still none
+        "text_encoder": {"num_gpus": 0.5},
+        "decoder": {"num_gpus": 0.5},
+        "grounder": {"num_gpus": 0},
+        "denoiser_variants": {"sp2": {"parallel": {"sequence": 2}}, "tp2": {"num_gpus": 0, "parallel": {"tensor": 2}}},
+    }
+    deployments = _deployments(build_app(args))
+    expected = {
+        "Ingress": 0, "Scheduler": 0, "TextEncoder": 0.5, "Decoder": 0.5, "Grounder": 0, "Denoiser": 1,
+        "EditCodec": 1, "Editor": 1, "Denoiser-sp2": 0, "Denoiser-tp2": 0,
+    }
+    assert {name: _gpus(d) for name, d in deployments.items()} == expected
+    for pool in ("Denoiser-sp2", "Denoiser-tp2"):
+        assert [bundle["GPU"] for bundle in _rank_bundles(deployments[pool])] == [1.0, 1.0], pool
+    assert deployments["Denoiser"]._replica_config.placement_group_bundles is None
+
+
+def test_on_cpu_an_explicit_gpu_count_models_gpu_nodes():
+    """CPU clusters and tests model GPU nodes with an explicit num_gpus: the stage reserves it, a parallel pool's
+    ranks declare one each."""
+    deployments = _deployments(build_app({
+        "decoder": {"num_gpus": 1},
+        "denoiser_variants": {"sp2": {"num_gpus": 1, "parallel": {"sequence": 2}}},
+    }))
+    assert _gpus(deployments["Decoder"]) == 1 and _gpus(deployments["TextEncoder"]) == 0
+    assert _gpus(deployments["Denoiser-sp2"]) == 0
+    assert [bundle["GPU"] for bundle in _rank_bundles(deployments["Denoiser-sp2"])] == [1.0, 1.0]
+
+
+def test_stage_options_names_the_deployments():
+    from imagine.config import AppConfig
+
+    config = AppConfig.model_validate({"model": {"device": "cuda:1"}})
+    assert config.stage_gpus("editor") == 1 and config.stage_gpus("scheduler") == 0
+    with pytest.raises(ValueError, match=r"no deployment 'encoder'.*text_encoder"):
+        config.stage_options("encoder")

@@ -79,16 +79,20 @@ def test_other_tenant_gets_404_on_every_job_route(env):
     assert env.snapshot() == before  # nothing was cancelled
     # the owning tenant sees them through any of its keys
     assert env.client.get(f"/v1/videos/{done}/content", headers=my_other_key).status_code == 200
-    assert env.client.get(f"/v1/videos/{queued}", headers=mine).json()["status"] == "queued"
+    assert env.client.get(f"/v1/videos/{queued}", headers=mine).json()["state"] == "queued"
 
 
-def test_delete_is_cancel(env):
-    headers = env.key()
+def test_delete_cancels_a_live_job_and_removes_it_for_its_tenant_only(env):
+    headers, other = env.key(), env.key(tenant="other-tenant")
     rid = env.create(headers).json()["request_id"]
+    assert env.client.delete(f"/v1/videos/{rid}", headers=other).status_code == 404  # not theirs
     resp = env.client.delete(f"/v1/videos/{rid}", headers=headers)
-    assert resp.status_code == 200 and resp.json()["status"] == "cancelled" and resp.json()["id"] == rid
-    again = env.client.delete(f"/v1/videos/{rid}", headers=headers)
-    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    assert resp.status_code == 200 and resp.json() == {"id": rid, "object": "video.deleted", "deleted": True}
+    assert env.client.get(f"/v1/videos/{rid}", headers=headers).status_code == 404
+    assert env.client.delete(f"/v1/videos/{rid}", headers=headers).status_code == 404
+    assert env.client.post(f"/v1/videos/{rid}/cancel", headers=headers).status_code == 404
+    record = env.store.get(rid)  # the row stays (usage), cancelled and marked deleted
+    assert record.status.value == "cancelled" and record.deleted_at is not None
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def _wait_status(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = httpx.get(f"{url}/v1/videos/{job_id}", timeout=5, headers=headers).json()
-        if job["status"] in statuses:
+        if job["state"] in statuses:
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} not in {statuses} after {timeout}s: {job}")

@@ -91,7 +91,7 @@ def test_edit_by_id_with_words(env):
     assert p.instruction.op == "remove" and p.instruction.place.kind == "background"
     assert p.instruction.target == "man walking" and p.source_job_id == done_id
     body = client.get(f"/v1/videos/{job.id}").json()
-    assert body["kind"] == "edit" and body["status"] == "queued"
+    assert body["kind"] == "edit" and body["state"] == "queued"
     assert "source_key" not in body["request"] and body["request"]["source_job_id"] == done_id
 
 
@@ -155,7 +155,8 @@ BAD_EDITS = [
     ({"prompt": "   ", "video_id": "DONE"}, 422, "invalid_parameter", "prompt"),
     ({"prompt": "", "video_id": "DONE"}, 422, "invalid_parameter", "prompt"),
     ({"prompt": "make it better", "video_id": "DONE"}, 422, "unparseable_instruction", "prompt"),
-    ({"prompt": "remove the dog", "video_url": "https://example.com/a.mp4"}, 400, "unsupported_video_url", "video_url"),
+    ({"prompt": "remove the dog", "video_url": "https://10.0.0.1/a.mp4"}, 400, "remote_url_forbidden", "video_url"),
+    ({"prompt": "remove the dog", "video": {"url": "http://[::1]/a.mp4"}}, 400, "unsupported_video_url", "video.url"),
     ({"prompt": "remove the dog", "video_url": "data:video/mp4;base64,AAAAAAAAAAAA"}, 400, "invalid_video", "video_url"),
     ({"prompt": "remove the dog", "video_url": "data:video/mp4;base64,%%%"}, 400, "invalid_video_url", "video_url"),
     ({"prompt": "remove the dog", "video_url": "data:image/png;base64,AAAA"}, 400, "invalid_video_url", "video_url"),

@@ -2,7 +2,12 @@
 boxes, an uploaded mask video, words through the grounder); the edited MP4 keeps the source's frames, rate, size
 and audio packets, and pixels outside the dilated mask survive as well as a plain re-encode. The `editor` pool
 here is sequence parallel (2 gloo ranks, Wan VACE Ulysses) and serves the single-rank edit; an edit cancels
-within one step, and a realtime edit preempts a running batch edit, which resumes with the same frames."""
+within one step, and a realtime edit preempts a running batch edit, which resumes with the same frames.
+
+The same app answers the hosted APIs' clients: the official `openai` SDK (`client.videos`: create as multipart with and
+without an image file, create_and_poll, retrieve, list with cursor pagination, download_content of all three variants,
+remix, delete), and requests written from xAI's docs (nested media objects fetched from a loopback media server that
+config allow-lists, the `grok-imagine-video` alias, polling until `pending` ends, extensions answering 501)."""
 
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ def _config(home) -> AppConfig:
         editor={"parallel": {"sequence": 2, "cpus_per_rank": 0.25, "timeout_s": 60}},
         # the tiny VACE repaints at 160x160 and upscales into the mask: fast on 2 cores, same code path as 480p
         edit={"enabled": True, "dilate_px": DILATE_PX, "max_work_pixels": 160 * 160, "default_steps": 2},
+        # a loopback media server stands in for the internet (the address policy itself: tests/test_fetch.py)
+        remote_media={"allow_http": True, "allow_hosts": ["127.0.0.1"]},
     )
 
 
@@ -163,7 +170,7 @@ def test_cancel_a_running_edit(served, source):
         served, video_id=source_id, prompt="add a blooming tree on the left", mask={"boxes": [BOX]},
         num_inference_steps=100, seed=5,
     )
-    served.wait_for(edit_id, lambda j: j["status"] == "running" and j["progress"] > 0)
+    served.wait_for(edit_id, lambda j: j["state"] == "running" and j["progress"] > 0)
     resp = served.http.post(f"/v1/videos/{edit_id}/cancel")
     assert resp.status_code == 200, resp.text
     steps_at_cancel = round(resp.json()["progress"] / 0.95 * 100)
@@ -225,7 +232,7 @@ def test_realtime_edit_preempts_a_running_batch_edit_which_resumes_identically(s
     resp = served.http.post("/v1/videos/edits", json=params, headers={"X-Priority": "batch"})
     assert resp.status_code == 202, resp.text
     victim = resp.json()["request_id"]
-    served.wait_for(victim, lambda j: j["status"] == "running" and j["progress"] > 0.1)
+    served.wait_for(victim, lambda j: j["state"] == "running" and j["progress"] > 0.1)
     resp = served.http.post("/v1/videos/edits", json={**params, "num_inference_steps": 2, "seed": 13},
                             headers={"X-Priority": "realtime"})
     assert resp.status_code == 202, resp.text
@@ -251,3 +258,141 @@ def test_realtime_edit_preempts_a_running_batch_edit_which_resumes_identically(s
     assert differing < 0.01, f"{differing:.2%} of pixels differ"
     if differing:
         assert float(10 * torch.log10(255.0**2 / diff.square().mean())) > 50
+
+
+# -- the hosted APIs' clients -------------------------------------------------------------------------------------
+
+
+def _png(width: int = 480, height: int = 480) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _poll_openai(client, video_id: str, timeout: float = 240.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in ("completed", "failed"):
+            return video
+        time.sleep(0.2)
+    raise AssertionError(f"video {video_id} still {video.status} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def media_server():
+    """A loopback HTTP server of media files (path -> bytes), standing in for a CDN."""
+    import http.server
+    import threading
+
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", files
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_openai_sdk_drives_the_whole_video_lifecycle(served, source):
+    import openai
+    from PIL import Image
+
+    from imagine.pipeline.media import probe
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused-auth-is-off", max_retries=0)
+    first = client.videos.create_and_poll(prompt="a kettle whistling", seconds="1", size="480x480",
+                                          poll_interval_ms=200)
+    assert first.status == "completed" and first.progress == 100 and first.object == "video", first
+    assert (first.size, first.seconds, first.completed_at is not None) == ("480x480", "1", True)
+    with_image = client.videos.create(prompt="the same frame, moving", seconds="1", size="480x480",
+                                      input_reference=("frame.png", _png(), "image/png"))  # multipart with a file
+    assert with_image.status in ("queued", "in_progress")
+    assert _poll_openai(client, with_image.id).status == "completed"
+
+    mp4 = client.videos.download_content(first.id).read()
+    info = probe(mp4)
+    assert (info.video_codec, info.audio_codec, info.width, info.height) == ("h264", "aac", 480, 480)
+    thumbnail = Image.open(io.BytesIO(client.videos.download_content(first.id, variant="thumbnail").read()))
+    sheet = Image.open(io.BytesIO(client.videos.download_content(first.id, variant="spritesheet").read()))
+    assert thumbnail.format == sheet.format == "JPEG" and thumbnail.size == (480, 480)
+    assert sheet.size == (5 * 160, 2 * 160)  # 10 frames across the clip, 5 a row
+
+    # the list holds every job of the tenant (the xAI-shaped `source` too), newest first, a page at a time
+    page = client.videos.list(limit=1)
+    assert len(page.data) == 1 and page.data[0].id == with_image.id and page.has_more
+    listed = [v.id for v in client.videos.list(limit=1)]  # auto-pagination follows `after`
+    assert listed.index(with_image.id) < listed.index(first.id) < listed.index(source[0])
+    assert [v.id for v in client.videos.list(order="asc", limit=100)] == listed[::-1]
+
+    remix = client.videos.remix(first.id, prompt="remove the kettle")
+    assert remix.remixed_from_video_id == first.id
+    done = _poll_openai(client, remix.id)
+    assert done.status == "completed", done.error
+    assert probe(client.videos.download_content(remix.id).read()).num_frames == info.num_frames
+
+    deleted = client.videos.delete(with_image.id)
+    assert deleted.deleted and deleted.id == with_image.id and deleted.object == "video.deleted"
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(with_image.id)
+    assert with_image.id not in [v.id for v in client.videos.list(limit=100)]
+    with pytest.raises(openai.BadRequestError, match="size"):
+        client.videos.create(prompt="p", size="1000x10")
+
+
+def test_requests_written_from_xais_docs(served, source, media_server):
+    import time
+
+    base, files = media_server
+    files["/frame.png"] = _png()
+    files["/clip.mp4"] = source[1]
+
+    def poll(job_id: str) -> dict:
+        deadline = time.monotonic() + 240
+        while (job := served.job(job_id))["status"] == "pending":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        return job
+
+    resp = served.http.post("/v1/videos/generations", json={
+        "model": "grok-imagine-video", "prompt": "waves on rocks", "duration": 1, "aspect_ratio": "1:1",
+        "resolution": "480p", "image": {"url": f"{base}/frame.png"}})
+    assert resp.status_code == 202, resp.text
+    job = poll(resp.json()["request_id"])
+    assert (job["status"], job["state"], job["request"]["has_image"]) == ("done", "done", True), job
+    assert job["model"] == served.config.model.preset  # the alias ran on the served model
+    assert job["video"]["url"]
+
+    resp = served.http.post("/v1/videos/edits", json={
+        "prompt": "remove the rock", "video": {"url": f"{base}/clip.mp4"}, "mask": {"boxes": [BOX]}})
+    assert resp.status_code == 202, resp.text
+    edit = poll(resp.json()["request_id"])
+    assert edit["status"] == "done" and edit["video"]["width"] == 480, edit
+
+    refused = served.http.post("/v1/videos/generations", json={
+        "prompt": "p", "image": {"url": "http://10.0.0.1/secret.png"}})  # not allow-listed: a private address
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image.url", refused.text
+    assert refused.json()["error"]["code"] == "remote_url_forbidden"
+    missing = served.http.post("/v1/videos/generations", json={"prompt": "p", "image": {"url": f"{base}/nope.png"}})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image.url", missing.text
+    refs = served.http.post("/v1/videos/generations", json={"prompt": "p", "reference_images": [{"url": "data:,"}]})
+    assert refs.status_code == 422 and refs.json()["error"]["param"] == "reference_images"
+    ext = served.http.post("/v1/videos/extensions", json={"prompt": "more", "video": {"url": f"{base}/clip.mp4"}})
+    assert ext.status_code == 501 and ext.json()["error"]["code"] == "not_implemented"

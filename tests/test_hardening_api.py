@@ -267,7 +267,7 @@ def test_an_idle_stream_ends_and_a_stream_lives_at_most_event_stream_max_s(make)
     with env.client.stream("GET", f"/v1/videos/{job_id}/events", params={"timeout": 60}) as resp:
         text = "".join(resp.iter_text())
     assert time.monotonic() - started < 30  # ended by idleness, not by `timeout`
-    assert text.count("event: status") == 1 and '"status":"queued"' in text
+    assert text.count("event: status") == 1 and '"status":"pending"' in text and '"state":"queued"' in text
 
     env = make(auth={"enabled": False}, limits={"event_stream_max_s": 0.3})
     job_id, progress = env.queued(), 0.0

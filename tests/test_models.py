@@ -226,3 +226,88 @@ def test_s3_model_keys_leaving_the_model_directory_are_refused(tmp_path, s3_serv
     with pytest.raises(ModelSourceError, match="refusing object key"):
         resolve_model_dir(preset, tmp_path / "home", endpoint_url=s3_server)
     assert not [p for p in tmp_path.rglob("escape.txt")] and not [p for p in tmp_path.rglob("b.txt")]
+
+
+# --- loading straight onto the device, and the weights a sampler reads --------------------------------------------
+
+
+class _Recorded(torch.nn.Module):
+    """A module class whose `from_pretrained` records its keyword arguments."""
+
+    calls: list[dict] = []
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs):
+        cls.calls.append(kwargs)
+        return cls()
+
+
+@pytest.mark.parametrize(
+    ("device", "device_map"),
+    [("cpu", None), ("cuda:1", torch.device("cuda:1")), ("cuda", torch.device("cuda")), ("mps", torch.device("mps"))],
+)
+def test_modules_load_straight_onto_a_device_off_the_cpu(tmp_path, monkeypatch, device, device_map):
+    """Off the CPU each module's `from_pretrained` gets `device_map=<device>` (a torch.device: transformers reads
+    the string "cuda" as "cuda:$LOCAL_RANK"), in diffusers' and transformers' dtype spelling; on the CPU no
+    device_map (loaded, then `.to`)."""
+    (tmp_path / "model_index.json").write_text('{"a": ["diffusers", "A"], "b": ["transformers", "B"]}')
+    monkeypatch.setattr(loading, "_component_class", lambda library, name: _Recorded)
+    monkeypatch.setattr(_Recorded, "calls", [])
+    loaded = load_components(tmp_path, ["a", "b"], device, torch.bfloat16)
+    placement = {} if device_map is None else {"device_map": device_map}
+    assert _Recorded.calls == [
+        {"subfolder": "a", "torch_dtype": torch.bfloat16, **placement},
+        {"subfolder": "b", "dtype": torch.bfloat16, **placement},
+    ]
+    assert not any(module.training for module in loaded.values())
+
+
+@pytest.mark.parametrize("build", [tiny.ensure_tiny_ltx2, "tiny_vace", "tiny_grounding"])
+def test_device_map_loading_equals_loading_then_moving(tmp_path, monkeypatch, build):
+    """The device_map path of diffusers and transformers, run on the CPU, loads every module of the three builtin
+    models (weights and buffers, in bfloat16) exactly as loading on the CPU does."""
+    import json
+
+    from imagine.models.tiny_grounding import ensure_tiny_grounding
+    from imagine.models.tiny_vace import ensure_tiny_vace
+
+    ensure = {"tiny_vace": ensure_tiny_vace, "tiny_grounding": ensure_tiny_grounding}.get(build, build)
+    model_dir = ensure(tmp_path)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    names = [name for name, entry in index.items() if isinstance(entry, list) and entry[0] is not None]
+    plain = load_components(model_dir, names, "cpu", torch.bfloat16)
+    monkeypatch.setattr(loading, "device_map", lambda device: torch.device("cpu"))
+    mapped = load_components(model_dir, names, "cpu", torch.bfloat16)
+    modules = [name for name in names if isinstance(plain[name], torch.nn.Module)]
+    assert modules
+    for name in modules:
+        for tensors in (lambda m: m.state_dict(), lambda m: dict(m.named_buffers())):
+            expected, got = tensors(plain[name]), tensors(mapped[name])
+            assert expected.keys() == got.keys(), name
+            for key in expected:
+                assert expected[key].dtype == got[key].dtype and torch.equal(expected[key], got[key]), f"{name}.{key}"
+        assert not mapped[name].training
+
+
+def test_rank_setup_timeout_counts_the_weights_the_sampler_loads(tmp_path):
+    """The auto timeout of a parallel pool reads the sizes of its sampler's weight files (transformer, VAEs; not
+    the text encoder's or the vocoder's), resolving the model directory first; an explicit value wins."""
+    from imagine.config import AppConfig
+    from imagine.pipeline.denoise import DENOISER_COMPONENTS
+    from imagine.serving.samplers import pool_setup_timeout_s, weight_bytes
+
+    config = AppConfig.model_validate({"home": str(tmp_path), "denoiser_variants": {"sp2": {"parallel": {"sequence": 2}}}})
+    auto = pool_setup_timeout_s(config, "sp2")  # builds the builtin tiny model under home, as a replica would
+    model_dir = tiny.ensure_tiny_ltx2(tmp_path)
+    files = {
+        name: sum(f.stat().st_size for f in (model_dir / name).glob("*.safetensors"))
+        for name in ("transformer", "vae", "audio_vae", "text_encoder", "vocoder")
+    }
+    assert all(files.values()), files
+    sampler = files["transformer"] + files["vae"] + files["audio_vae"]
+    assert weight_bytes(model_dir, DENOISER_COMPONENTS) == sampler
+    assert weight_bytes(model_dir, ["text_encoder"]) == files["text_encoder"]
+    assert weight_bytes(model_dir, ["scheduler"]) == 0  # no weights, only a config
+    assert auto == pytest.approx(120.0 + 10.0 * sampler / 2**30)
+    config.denoiser_variants["sp2"].parallel.setup_timeout_s = 42.0
+    assert pool_setup_timeout_s(config, "sp2") == 42.0

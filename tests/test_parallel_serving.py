@@ -137,7 +137,7 @@ def test_sp2_replica_serves_the_single_rank_video(served, home):
 
 def test_cancel_under_sp_stops_all_ranks_within_one_step(served):
     job_id = served.submit(**LONG)
-    served.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"] > 0)
+    served.wait_for(job_id, lambda j: j["state"] == "running" and j["progress"] > 0)
     resp = served.http.post(f"/v1/videos/{job_id}/cancel")
     assert resp.status_code == 200, resp.text
     steps = LONG["num_inference_steps"]
@@ -154,7 +154,7 @@ def test_cancel_under_sp_stops_all_ranks_within_one_step(served):
 
 def test_a_killed_rank_fails_the_attempt_and_the_job_is_retried(served):
     job_id = served.submit(**{**LONG, "num_inference_steps": 40})
-    served.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"] > 0.1)
+    served.wait_for(job_id, lambda j: j["state"] == "running" and j["progress"] > 0.1)
     victim = _rank_pids()[-1]
     os.kill(victim, signal.SIGKILL)
     final = served.wait_terminal(job_id, timeout=240)

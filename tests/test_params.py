@@ -116,7 +116,7 @@ def test_duration_s_column_and_its_backfill(db_url):
         # a table from before migrations: no alembic_version, no duration_s, none of the later revisions' columns
         for index in ("ix_jobs_sweep_inputs", "ix_jobs_sweep_outputs"):
             conn.exec_driver_sql(f"DROP INDEX {index}")
-        for column in ("duration_s", "expires_at", "outputs_purged_at", "inputs_purged_at"):
+        for column in ("duration_s", "expires_at", "outputs_purged_at", "inputs_purged_at", "dialect", "deleted_at"):
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {column}")
         conn.exec_driver_sql("DROP TABLE alembic_version")
     store.close()

@@ -243,7 +243,7 @@ def test_jobs_wait_queued_for_an_unplaced_parallel_replica(cluster: tuple[Cluste
         observed_until = time.monotonic() + observed_s  # the replica cannot be placed: the job must wait, not fail
         while time.monotonic() < observed_until:
             job = served.job(job_id)
-            assert job["status"] == "queued" and job["started_at"] is None, job
+            assert job["state"] == "queued" and job["started_at"] is None, job
             time.sleep(0.5)
         denoiser = serve.status().applications["imagine"].deployments["Denoiser"].replica_states
         assert {_name(k): v for k, v in denoiser.items()} == {"STARTING": 1}, denoiser

@@ -172,3 +172,38 @@ def test_unplaceable_group_times_out_without_leaking(local_ray: None) -> None:
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]
     assert "PENDING" not in states and "CREATED" not in states, states
     g.shutdown()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, exited but not yet reaped by the raylet, holds no memory: not running)."""
+    import psutil
+
+    try:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_restart_and_shutdown_wait_for_the_killed_ranks_to_exit(local_ray: None) -> None:
+    """`ray.kill` returns at once; restart() and shutdown() return only once the killed ranks' processes are gone
+    (so a new group finds their device memory free), also for ranks a failed call killed earlier. Checked right
+    after each returns: without the wait the old processes are still exiting then."""
+    g = group()
+    try:
+        g.start()
+        first = {i.pid for i in g.info}
+        g.restart()
+        assert not [pid for pid in first if _running(pid)]
+        second = {i.pid for i in g.info}
+        assert len(second) == 2 and not second & first  # fresh processes
+        with pytest.raises(RankFailure):
+            g.call("fail_on", 1)  # the failed call kills the ranks and forgets their info; their pids are kept
+        g.restart()
+        assert not [pid for pid in second if _running(pid)]
+        third = {i.pid for i in g.info}
+        assert len(third) == 2 and not third & (first | second)
+        with pytest.raises(RankFailure):
+            g.call("fail_on", 0)
+    finally:
+        g.shutdown()
+    assert not [pid for pid in third if _running(pid)]

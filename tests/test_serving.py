@@ -120,9 +120,9 @@ def test_realtime_preempts_batch_and_the_batch_job_resumes_identically(served, t
     reference = served.submit(**params)
     assert served.wait_terminal(reference)["status"] == "done"
     filler = served.submit(priority="batch", **LONG)
-    served.wait_for(filler, lambda j: j["status"] == "running" and j["progress"] > 0)
+    served.wait_for(filler, lambda j: j["state"] == "running" and j["progress"] > 0)
     victim = served.submit(priority="batch", **params)  # started last: the one to pause
-    served.wait_for(victim, lambda j: j["status"] == "running" and j["progress"] > 0)
+    served.wait_for(victim, lambda j: j["state"] == "running" and j["progress"] > 0)
 
     urgent = served.submit(priority="realtime", **SMALL)
     done = served.wait_terminal(urgent)
@@ -179,8 +179,8 @@ def test_cancel_queued_and_running(served):
     first, second = served.submit(**LONG), served.submit(**LONG)
     queued = served.submit(**SMALL)  # both slots are busy: this one waits
     for job_id in (first, second):
-        served.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"] > 0)
-    assert served.job(queued)["status"] == "queued"
+        served.wait_for(job_id, lambda j: j["state"] == "running" and j["progress"] > 0)
+    assert served.job(queued)["state"] == "queued"
 
     resp = served.http.post(f"/v1/videos/{queued}/cancel")
     assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
@@ -372,7 +372,7 @@ def test_restart_loses_nothing_and_keeps_policy_order(served):
 
     running = served.submit(**{**SMALL, "num_inference_steps": 40})
     queued = [served.submit(seed=s, **SMALL) for s in range(3)]
-    served.wait_for(running, lambda j: j["status"] == "running" and j["progress"] > 0)
+    served.wait_for(running, lambda j: j["state"] == "running" and j["progress"] > 0)
     paused = served.config.model_copy(deep=True)
     paused.scheduling.paused = True
     _redeploy(served, paused)  # every replica dies mid-job
@@ -380,8 +380,8 @@ def test_restart_loses_nothing_and_keeps_policy_order(served):
     many = [served.submit(priority=tiers[i % 3], seed=1000 + i, **{**SMALL, "num_inference_steps": 1})
             for i in range(100)]
     time.sleep(2)
-    waiting = {served.job(j)["status"] for j in many}
-    earlier = {served.job(j)["status"] for j in [running, *queued]}
+    waiting = {served.job(j)["state"] for j in many}
+    earlier = {served.job(j)["state"] for j in [running, *queued]}
     resumed = _autoscaling(served.config)
     resumed.scheduling.paused = False
     _redeploy(served, resumed)  # first, so a failed check below leaves no paused app to the next tests
@@ -422,7 +422,7 @@ def test_denoisers_scale_up_on_queued_work_and_back_down(served):
         assert time.monotonic() < deadline, "queued work did not scale the denoisers up"
         time.sleep(0.2)
     # with two replicas up, two jobs denoise at once
-    served.wait_for(ids[1], lambda j: j["status"] in ("running", "done") and j["progress"] > 0, timeout=120)
+    served.wait_for(ids[1], lambda j: j["state"] in ("running", "done") and j["progress"] > 0, timeout=120)
     for job_id in ids:
         assert served.wait_terminal(job_id, timeout=240)["status"] == "done"
     deadline = time.monotonic() + 90

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from imagine.api.errors import ApiError
 from imagine.api.intake import decode_video
@@ -121,7 +122,7 @@ def _check_box(box: Box, field: str, width: int, height: int) -> list[float]:
 
 
 def check_mask(
-    mask: MaskSpec, info: SourceInfo, max_bytes: int, max_boxes: int = DEFAULT_MAX_MASK_BOXES
+    mask: MaskSpec, info: SourceInfo, max_bytes: int, max_boxes: int = DEFAULT_MAX_MASK_BOXES, remote: Any = None
 ) -> tuple[EditMask, bytes | None]:
     """Validate an explicit mask against the source; returns (the job's mask, the mask video's bytes or None).
     Boxes are counted (at most `max_boxes` in all: pass `config.max_mask_boxes`) before any is checked; a mask video
@@ -145,7 +146,7 @@ def check_mask(
         if not any(frames.values()):
             raise ApiError(422, "invalid_mask", "mask.frames has no boxes", "mask.frames")
         return EditMask(frames=frames), None
-    data = decode_video(mask.video_url, "mask.video_url", max_bytes)
+    data = decode_video(mask.video_url, "mask.video_url", max_bytes, remote)
     try:
         minfo = _read_info(data, "mask.video_url", info.num_frames, info.width * info.height)
     except MediaTooLargeError as e:

@@ -61,6 +61,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if first.get("type") == "json_invalid":
         return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}", "body")
     param = _param_from_loc(tuple(first.get("loc", ())))
+    if param is None and first.get("type") == "value_error":  # a rule across fields (its message names them)
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return ApiError(422, "invalid_parameter", msg, "body")
     if param is None:  # the body as a whole: empty, or not a JSON object
         return ApiError(400, "invalid_json", "request body must be a JSON object", "body")
     if first.get("type") == "missing":

@@ -1,4 +1,5 @@
-"""Media inputs of a request as bytes: `data:` URIs (image, source video, mask video) decoded by one parser, and
+"""Media inputs of a request as bytes: `data:` URIs (image, source video, mask video) decoded by one parser, http(s)
+URLs fetched by `imagine.api.remote` (address policy, limits, sniffing), and
 images normalised to PNG. Every failure is an `ApiError` naming the request field.
 
 The parser reads a URI in bounded memory whatever it holds: it looks for the ',' that ends the header only within
@@ -11,6 +12,7 @@ import binascii
 import io
 import string
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -67,7 +69,7 @@ def decode_data_uri(value: str, field: str, kind: MediaKind, max_bytes: int) -> 
     noun = kind.noun
     if not value.startswith("data:"):
         raise ApiError(
-            400, f"unsupported_{noun}_url", f"{field} must be a data URI ({kind.example}); remote URLs are not fetched yet",
+            400, f"unsupported_{noun}_url", f"{field} must be an https:// URL or a data URI ({kind.example})",
             field,
         )
     comma = value.find(",", 5, 5 + MAX_HEADER_CHARS + 1)
@@ -94,9 +96,23 @@ def decode_data_uri(value: str, field: str, kind: MediaKind, max_bytes: int) -> 
         raise ApiError(400, f"invalid_{noun}_url", f"{field} has invalid base64: {e}", field) from e
 
 
-def decode_video(value: str, field: str, max_bytes: int) -> bytes:
-    """A `data:video/...;base64,` URI -> the file's bytes (not opened here: see `imagine.api.edits.probe_video`)."""
-    return decode_data_uri(value, field, VIDEO, max_bytes)
+def read_media(value: str, field: str, kind: MediaKind, max_bytes: int, remote: Any = None) -> bytes:
+    """A media input's bytes: an http(s) URL fetched by `imagine.api.remote` under `remote` (its
+    `RemoteMediaConfig`; None: remote URLs are refused), or a data URI."""
+    if value[:8].lower().startswith(("http://", "https://")):
+        if remote is None or not remote.enabled:
+            raise ApiError(400, f"unsupported_{kind.noun}_url", f"{field}: remote URLs are not fetched on this server; "
+                           f"send a data URI ({kind.example})", field)
+        from imagine.api import remote as fetcher  # its HTTP client: loaded on the first remote input
+
+        return fetcher.fetch_media(value, field, kind, max_bytes, remote)
+    return decode_data_uri(value, field, kind, max_bytes)
+
+
+def decode_video(value: str, field: str, max_bytes: int, remote: Any = None) -> bytes:
+    """A video URL or `data:video/...;base64,` URI -> the file's bytes (not opened here: see
+    `imagine.api.edits.probe_video`)."""
+    return read_media(value, field, VIDEO, max_bytes, remote)
 
 
 def image_format(head: bytes) -> str | None:
@@ -115,13 +131,13 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
-def decode_image(value: str, field: str, limits: LimitsConfig) -> bytes:
-    """A `data:image/...;base64,` URI -> the image as normalised RGB PNG bytes (400 when it is not an image of an
+def decode_image(value: str, field: str, limits: LimitsConfig, remote: Any = None) -> bytes:
+    """An image URL or `data:image/...;base64,` URI -> the image as normalised RGB PNG bytes (400 when it is not an image of an
     allowed format, 413 past `limits.max_image_bytes` or `max_image_pixels`).
 
     Nothing is decoded before the format (from the magic bytes; only that one Pillow plugin may open it) and the
     size (from the header) are known to be allowed."""
-    raw = decode_data_uri(value, field, IMAGE, limits.max_image_bytes)
+    raw = read_media(value, field, IMAGE, limits.max_image_bytes, remote)
     fmt = image_format(raw[:12])
     if fmt is None:
         raise ApiError(

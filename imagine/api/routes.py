@@ -7,13 +7,29 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
+from typing import Any, Literal
+
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from imagine import __version__
 from imagine.api.auth import principal_dependency
+from imagine.api.dialects import (
+    OpenAIVideo,
+    OpenAIVideoList,
+    Remix,
+    VideoDeleted,
+    nest_form,
+    openai_generation_body,
+    render_openai,
+    upload_as_data_uri,
+)
 from imagine.api.errors import ERROR_RESPONSES, ApiError, install_error_handlers, rate_limited
 from imagine.api.events import JobWatchers, PollPolicy, StreamSlots, job_state
 from imagine.api.http import BodyLimitMiddleware, body_limits, create_options, parse_range
@@ -56,6 +72,78 @@ def _accepted(created: Created, response: Response) -> CreatedResponse:
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return CreatedResponse(request_id=created.job.id)
+
+
+MAX_FORM_FIELDS = 32  # a create's multipart body holds a handful of fields and at most one file
+MAX_FORM_FILES = 2
+STILL_TYPES = {"thumbnail": "image/jpeg", "spritesheet": "image/jpeg"}
+
+
+def _body_schema(model: type[BaseModel], multipart: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads its own body: JSON of `model` (and multipart, OpenAI's way)."""
+    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}
+    if multipart is not None:
+        content["multipart/form-data"] = {"schema": multipart}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+async def read_fields(request: Request) -> tuple[dict[str, Any], bool]:
+    """A create body as fields: a JSON object, or a multipart / urlencoded form (OpenAI's SDK sends every create as
+    multipart, nested objects as `name[key]`), each file as (bytes, content type); returns (fields, was a form)."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        try:
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+        except Exception as e:  # malformed multipart, too many parts
+            raise ApiError(400, "invalid_body", f"the form body could not be read ({e})", "body") from e
+        items: list[tuple[str, Any]] = []
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                items.append((name, (await value.read(), value.content_type)))
+            else:
+                items.append((name, value))
+        return nest_form(items), True
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise ApiError(400, "invalid_json", f"the request body could not be read as JSON ({e})", "body") from e
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_body", "the request body must be a JSON object", "body")
+    return body, False
+
+
+def validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """`model` from a body read by `read_fields`, with FastAPI's own 4xx on invalid fields (naming the field)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+
+
+def _file(value: Any, field: str, fallback_type: str) -> str:
+    """A form field that may be a file upload -> the URL or data URI the intake reads."""
+    if isinstance(value, tuple):
+        content, content_type = value
+        return upload_as_data_uri(content, content_type, fallback_type)
+    if isinstance(value, str):
+        return value
+    raise ApiError(400, "invalid_parameter", f"{field} must be a file, a URL or a data URI", field)
+
+
+def openai_edit_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """`client.videos.edit` (multipart: prompt + the source as a file or `video[id]`) -> an `EditRequest` body."""
+    unknown = sorted(set(fields) - {"prompt", "video"})
+    if unknown:
+        raise ApiError(400, "unknown_parameter", f"unknown parameter '{unknown[0]}' for a multipart edit", unknown[0])
+    body: dict[str, Any] = {"prompt": fields.get("prompt")}
+    video = fields.get("video")
+    if isinstance(video, dict):
+        if set(video) != {"id"}:
+            raise ApiError(400, "invalid_parameter", "video must be a file or {\"id\": a done video's id}", "video")
+        body["video_id"] = video["id"]
+    elif video is not None:
+        body["video_url"] = _file(video, "video", "video/mp4")
+    return body
 
 
 def create_api(service: JobService) -> FastAPI:
@@ -106,27 +194,107 @@ def create_api(service: JobService) -> FastAPI:
         return _accepted(service.create("generation", body, principal, options), response)
 
     @app.post(
-        "/v1/videos/edits", status_code=202, tags=["videos"], response_model=CreatedResponse,
+        "/v1/videos/edits", status_code=202, tags=["videos"], response_model=CreatedResponse | OpenAIVideo,
         responses={**_ERROR_RESPONSES, 413: {"description": "Source or mask too large"}, 429: {"description": "A limit was hit"}},
+        openapi_extra=_body_schema(EditRequest, {"type": "object", "required": ["prompt", "video"], "properties": {
+            "prompt": {"type": "string"}, "video": {"type": "string", "format": "binary"}}}),
     )
-    def create_edit(
-        body: EditRequest, response: Response, principal: Principal = Caller, options: CreateOptions = Options
-    ) -> CreatedResponse:
+    async def create_edit(
+        request: Request, response: Response, principal: Principal = Caller, options: CreateOptions = Options
+    ) -> Any:
         """Edit a clip by instruction ("remove the man in the background", "add a tree on the left") or by an
-        explicit mask; the result keeps the source's frames, fps, size and audio track."""
-        return _accepted(service.create("edit", body, principal, options), response)
+        explicit mask; the result keeps the source's frames, fps, size and audio track. JSON (`EditRequest`, 202 +
+        request_id) or, as OpenAI's `client.videos.edit` sends it, multipart with the source as a file or
+        `video[id]` (200 + OpenAI's video object)."""
+        fields, form = await read_fields(request)
+        if not form:
+            body = validated(EditRequest, fields)
+            return _accepted(await run_in_threadpool(service.create, "edit", body, principal, options), response)
+        body = validated(EditRequest, openai_edit_body(fields))
+        created = await run_in_threadpool(service.create, "edit", body, principal, options, "openai")
+        _accepted(created, response)
+        response.status_code = 200
+        return render_openai(created.job)
 
-    @app.get("/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
-    def get_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
-        return service.to_response(service.get(job_id, principal.tenant), _base_url(request))
+    @app.post(
+        "/v1/videos/extensions", status_code=501, tags=["videos"], responses={
+            **_ERROR_RESPONSES, 501: {"description": "Extensions are not served yet"}},
+    )
+    async def create_extension(request: Request, principal: Principal = Caller) -> Response:
+        """Continue a clip (xAI's and OpenAI's `extensions`): routed, not generated yet (501)."""
+        await read_fields(request)  # a bad body is still a 4xx first
+        raise ApiError(501, "not_implemented", "video extensions are not served by this server yet", "video")
+
+    @app.post(
+        "/v1/videos", status_code=200, tags=["openai"], response_model=OpenAIVideo,
+        responses={**_ERROR_RESPONSES, 429: {"description": "A limit was hit (`code` says which); see Retry-After"}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
+                "prompt": {"type": "string"}, "model": {"type": "string"}, "seconds": {"type": "string"},
+                "size": {"type": "string"}, "input_reference": {"type": "object", "properties": {
+                    "image_url": {"type": "string"}}}}, "additionalProperties": False}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["prompt"], "properties": {
+                "prompt": {"type": "string"}, "model": {"type": "string"}, "seconds": {"type": "string"},
+                "size": {"type": "string"}, "input_reference": {"type": "string", "format": "binary"}}}},
+        }}},
+    )
+    async def openai_create(
+        request: Request, response: Response, principal: Principal = Caller, options: CreateOptions = Options
+    ) -> OpenAIVideo:
+        """OpenAI's `client.videos.create`: prompt, model, seconds, size ("WIDTHxHEIGHT") and an optional
+        `input_reference` (an image file, or {image_url}) as the first frame; answers OpenAI's video object."""
+        fields, _ = await read_fields(request)
+        if isinstance(fields.get("input_reference"), tuple):
+            fields["input_reference"] = _file(fields["input_reference"], "input_reference", "image/png")
+        body = validated(GenerationRequest, openai_generation_body(fields))
+        created = await run_in_threadpool(service.create, "generation", body, principal, options, "openai")
+        _accepted(created, response)  # the Idempotent-Replayed header
+        return render_openai(created.job)
+
+    @app.get("/v1/videos", tags=["openai"], response_model=OpenAIVideoList, responses=_ERROR_RESPONSES)
+    def openai_list(
+        principal: Principal = Caller,
+        after: str | None = Query(None, max_length=64, description="The last id of the previous page."),
+        limit: int = Query(20, ge=1, le=100),
+        order: Literal["asc", "desc"] = Query("desc", description="By creation time."),
+    ) -> OpenAIVideoList:
+        """Your videos (every job of your tenant, whichever API created it), in OpenAI's shape, cursor-paginated."""
+        jobs, more = service.list_page(principal.tenant, limit, after, order)
+        data = [render_openai(job) for job in jobs]
+        return OpenAIVideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                               has_more=more)
+
+    @app.post("/v1/videos/{job_id}/remix", tags=["openai"], response_model=OpenAIVideo, responses={
+        **_ERROR_RESPONSES, 429: {"description": "A limit was hit"}})
+    def openai_remix(
+        job_id: str, body: Remix, response: Response, principal: Principal = Caller, options: CreateOptions = Options
+    ) -> OpenAIVideo:
+        """OpenAI's remix: the same clip changed as `prompt` says, as an instruction edit of this done video."""
+        edit = validated(EditRequest, {"prompt": body.prompt, "video_id": job_id})
+        created = service.create("edit", edit, principal, options, "openai")
+        _accepted(created, response)
+        return render_openai(created.job)
+
+    @app.get("/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse | OpenAIVideo,
+             responses=_ERROR_RESPONSES)
+    def get_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse | OpenAIVideo:
+        """The job, in the shape of the API that created it: OpenAI's video object for `POST /v1/videos` (and its
+        remix / multipart edit), Imagine's (xAI's shape) for the rest."""
+        job = service.get(job_id, principal.tenant)
+        if job.dialect == "openai":
+            return render_openai(job)
+        return service.to_response(job, _base_url(request))
 
     @app.post("/v1/videos/{job_id}/cancel", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES)
-    @app.delete(
-        "/v1/videos/{job_id}", tags=["videos"], response_model=JobResponse, responses=_ERROR_RESPONSES,
-        summary="Cancel Video (OpenAI-style alias of POST /v1/videos/{job_id}/cancel)",
-    )
     def cancel_video(job_id: str, request: Request, principal: Principal = Caller) -> JobResponse:
         return service.to_response(service.cancel(job_id, principal.tenant), _base_url(request))
+
+    @app.delete("/v1/videos/{job_id}", tags=["videos"], response_model=VideoDeleted, responses=_ERROR_RESPONSES)
+    def delete_video(job_id: str, principal: Principal = Caller) -> VideoDeleted:
+        """Delete the job: cancelled first if it is live, gone from the API at once (404 afterwards), its video and
+        stills deleted now, its inputs as soon as it has ended. Its usage stays in the ledger."""
+        service.delete(job_id, principal.tenant)
+        return VideoDeleted(id=job_id)
 
     @app.get(
         "/v1/videos/{job_id}/events", tags=["videos"],
@@ -179,14 +347,21 @@ def create_api(service: JobService) -> FastAPI:
         return _SlotStream(events(), release, ping=15)
 
     @app.get("/v1/videos/{job_id}/content", tags=["videos"], response_class=StreamingResponse, responses={
-        **_ERROR_RESPONSES, 200: {"description": "The MP4", "content": {"video/mp4": {}}},
+        **_ERROR_RESPONSES, 200: {"description": "The MP4 (or a JPEG still)", "content": {"video/mp4": {}, "image/jpeg": {}}},
         206: {"description": "Partial", "content": {"video/mp4": {}}}, 410: {"description": "The video expired (retention)"},
         416: {"description": "Range not satisfiable"},
     })
     def video_content(
-        job_id: str, principal: Principal = Caller, range_header: str | None = Header(None, alias="Range")
+        job_id: str, principal: Principal = Caller, range_header: str | None = Header(None, alias="Range"),
+        variant: Literal["video", "thumbnail", "spritesheet"] = Query(
+            "video", description="The MP4, or a JPEG still made with it: `thumbnail` (one frame) or `spritesheet` "
+            "(frames across the clip in a grid)."),
     ) -> Response:
-        video = service.content(job_id, principal.tenant)
+        video = service.content(job_id, principal.tenant, variant)
+        if variant != "video":
+            data = b"".join(service.artifacts.iter_range(video.key, 0, video.size - 1))
+            return Response(data, media_type=STILL_TYPES[variant],
+                            headers={"Content-Disposition": f'inline; filename="{job_id}-{variant}.jpg"'})
         rng = parse_range(range_header, video.size)
         body = service.artifacts.iter_range(video.key, rng.start, rng.end)
         headers = {

@@ -12,6 +12,14 @@ from imagine.pipeline.sizing import ASPECT_RATIOS, RESOLUTIONS
 assert set(Resolution.__args__) == set(RESOLUTIONS) and set(AspectRatio.__args__) == set(ASPECT_RATIOS)
 
 
+class MediaRef(BaseModel):
+    """xAI's media object: `{"url": ...}` (an https URL or a data URI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., min_length=1, description="An https:// URL (fetched once, safely) or a data URI.")
+
+
 class GenerationRequest(BaseModel):
     """`POST /v1/videos/generations`: text (and optionally a first-frame image) to video with audio."""
 
@@ -23,7 +31,13 @@ class GenerationRequest(BaseModel):
     resolution: Resolution = Field("480p", description="Short side class: 480p (864x480 at 16:9) or 720p.")
     aspect_ratio: AspectRatio = Field("16:9", description="Frame aspect ratio.")
     image_url: str | None = Field(
-        None, description="First frame as a data URI (data:image/png;base64,...); remote URLs are not fetched yet."
+        None, description="First frame: an https:// URL (fetched once, with private addresses refused) or a data URI "
+        "(data:image/png;base64,...)."
+    )
+    image: MediaRef | None = Field(None, description="xAI's form of `image_url`: {\"url\": ...}. Give one of the two.")
+    reference_images: list[MediaRef] | None = Field(
+        None, max_length=8, description="xAI's style / subject references: not supported by the served models "
+        "(refused, naming this field)."
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="RNG seed; random when omitted (and reported).")
     negative_prompt: str | None = Field(None, description="What to steer away from.", max_length=100_000)
@@ -37,6 +51,21 @@ class GenerationRequest(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _one_image(self) -> GenerationRequest:
+        if self.image is not None and self.image_url is not None:
+            raise ValueError("give image_url or image, not both")
+        return self
+
+    @property
+    def first_frame(self) -> tuple[str, str] | None:
+        """(the first frame's URL, the field that gave it), or None."""
+        if self.image_url is not None:
+            return self.image_url, "image_url"
+        if self.image is not None:
+            return self.image.url, "image.url"
+        return None
 
 
 Box = tuple[float, float, float, float]
@@ -52,7 +81,9 @@ class MaskSpec(BaseModel):
     frames: dict[int, list[Box]] | None = Field(
         None, description="Per-frame boxes: frame index -> boxes; frames not listed are not edited.", max_length=10_000
     )
-    video_url: str | None = Field(None, description="Mask video as a data URI, same size and frame count as the source.")
+    video_url: str | None = Field(
+        None, description="Mask video (https:// URL or data URI), same size and frame count as the source."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MaskSpec:
@@ -74,7 +105,11 @@ class EditRequest(BaseModel):
         "'replace the car with a red bus', '移除背景中走过的行人'.", max_length=100_000
     )
     video_id: str | None = Field(None, description="A done job of yours whose video is edited.", max_length=64)
-    video_url: str | None = Field(None, description="The source video as a data URI (data:video/mp4;base64,...).")
+    video_url: str | None = Field(
+        None, description="The source video: an https:// URL (fetched once, safely) or a data URI "
+        "(data:video/mp4;base64,...)."
+    )
+    video: MediaRef | None = Field(None, description="xAI's form of `video_url`: {\"url\": ...}.")
     mask: MaskSpec | None = Field(None, description="Explicit region: skips grounding.")
     model: str | None = Field(None, description="Edit model preset; default: the server's edit model.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="RNG seed; random when omitted (and reported).")
@@ -88,6 +123,21 @@ class EditRequest(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty: say what to change, e.g. 'remove the dog'")
         return value
+
+    @model_validator(mode="after")
+    def _one_video(self) -> EditRequest:
+        if self.video is not None and self.video_url is not None:
+            raise ValueError("give video_url or video, not both")
+        return self
+
+    @property
+    def source_url(self) -> tuple[str, str] | None:
+        """(the uploaded source's URL, the field that gave it), or None (a `video_id` edit)."""
+        if self.video_url is not None:
+            return self.video_url, "video_url"
+        if self.video is not None:
+            return self.video.url, "video.url"
+        return None
 
 
 class CreatedResponse(BaseModel):
@@ -135,7 +185,12 @@ class JobResponse(BaseModel):
     kind: str
     model: str
     priority: Literal["realtime", "standard", "batch"] = Field(description="The job's effective priority tier.")
-    status: Literal["queued", "running", "done", "failed", "cancelled", "expired"]
+    status: Literal["pending", "done", "failed", "cancelled", "expired"] = Field(
+        description="xAI's status words: pending (queued or running) until done, failed, cancelled or expired."
+    )
+    state: Literal["queued", "running", "done", "failed", "cancelled", "expired"] = Field(
+        description="Imagine's job state: `pending` split into queued and running."
+    )
     progress: float
     created_at: float
     started_at: float | None

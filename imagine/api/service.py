@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from imagine.api.dialects import XAI_STATUS
 from imagine.api.errors import ApiError, rate_limited
 from imagine.api.intake import decode_image, decode_video
 from imagine.api.principal import Principal, local_principal
@@ -151,7 +152,12 @@ class JobService:
 
     # -- create ----------------------------------------------------------------------------
     def create(
-        self, kind: JobKind, request: CreateRequest, principal: Principal | None = None, options: CreateOptions | None = None
+        self,
+        kind: JobKind,
+        request: CreateRequest,
+        principal: Principal | None = None,
+        options: CreateOptions | None = None,
+        dialect: str = "imagine",
     ) -> Created:
         """Every kind's create: Idempotency-Key replay -> validate -> build params -> store inputs -> admit + insert
         (one transaction) -> nudge the scheduler. An Idempotency-Key duplicate returns the first request's job."""
@@ -177,7 +183,7 @@ class JobService:
             kind=kind, model=draft.model, params=draft.params, tenant=principal.tenant,
             priority=principal.cap_priority(options.priority), id=job_id, api_key_id=principal.key_id,
             deadline_at=now + options.start_deadline_s if options.start_deadline_s is not None else None,
-            pool=draft.pool,
+            pool=draft.pool, dialect=dialect,
         )
         stored: list[str] = []
         try:
@@ -206,7 +212,12 @@ class JobService:
 
     def _build_generation(self, req: GenerationRequest, principal: Principal, job_id: str) -> JobDraft:
         """Text (+ first frame) -> video: the model's limits, model-legal sizes, the image as PNG, the pool."""
-        name = req.model or self.default_model
+        name = self._model_name(req.model, self.default_model)
+        if req.reference_images is not None:
+            raise ApiError(
+                422, "unsupported_parameter", f"reference_images are not supported by model {name!r}: give the first "
+                "frame as image (or image_url), or describe the subject in the prompt", "reference_images",
+            )
         if name not in self.presets:
             raise ApiError(
                 400, "model_not_found", f"model {name!r} is not served here; available: {sorted(self.presets)}", "model"
@@ -215,7 +226,10 @@ class JobService:
         if req.duration > preset.max_duration_s:
             raise ApiError(422, "invalid_parameter", f"duration {req.duration} is over {name}'s {preset.max_duration_s} s", "duration")
         plan = plan_video(req.duration, req.resolution, req.aspect_ratio, req.fps or preset.default_fps)
-        image_png = decode_image(req.image_url, "image_url", self.config.limits) if req.image_url is not None else None
+        frame = req.first_frame
+        image_png = (
+            decode_image(frame[0], frame[1], self.config.limits, self.config.remote_media) if frame is not None else None
+        )
         params = GenerationParams(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt or "",
@@ -234,6 +248,14 @@ class JobService:
         inputs = {params.image_key: image_png} if params.image_key is not None else {}
         return JobDraft(name, params, self._route(params), inputs)
 
+    def _model_name(self, requested: str | None, default: str | None) -> str | None:
+        """The preset a request's `model` names: itself, or what `model_aliases` maps it to (an alias to "default" is
+        the server's default model of the route), or the default when none is given."""
+        if requested is None:
+            return default
+        target = self.config.model_aliases.get(requested, requested)
+        return default if target == "default" else target
+
     def _route(self, params: GenerationParams) -> str:
         if self.router is None:
             return DEFAULT_POOL
@@ -251,9 +273,11 @@ class JobService:
             raise ApiError(404, "edits_disabled", "video edits are not enabled on this server", "prompt")
         from imagine.api import edits  # PyAV: loaded on the first edit, not when the ingress starts
 
-        if (req.video_id is None) == (req.video_url is None):
-            raise ApiError(422, "invalid_parameter", "give exactly one of video_id (a done job) or video_url (a data URI)", "video_id")
-        name = req.model or self.default_edit_model
+        source = req.source_url
+        if (req.video_id is None) == (source is None):
+            raise ApiError(422, "invalid_parameter", "give exactly one of video_id (a done job) or video_url / video "
+                           "(a URL or data URI)", "video_id")
+        name = self._model_name(req.model, self.default_edit_model)
         if name not in self.edit_presets:
             raise ApiError(400, "model_not_found", f"edit model {name!r} is not served here; available: {sorted(self.edit_presets)}", "model")
         cfg = self.config.edit
@@ -269,14 +293,16 @@ class JobService:
             info = edits.SourceInfo(r["width"], r["height"], r["num_frames"], r["fps"], r["num_frames"] / r["fps"], r.get("has_audio", True))
             source_key, source_field = r["artifact_key"], "video_id"
         else:
-            uploaded = decode_video(req.video_url, "video_url", cfg.max_source_bytes)
-            info = edits.probe_video(uploaded, "video_url", max_frames=edits.max_source_frames(cfg),
+            url, source_field = source
+            uploaded = decode_video(url, source_field, cfg.max_source_bytes, self.config.remote_media)
+            info = edits.probe_video(uploaded, source_field, max_frames=edits.max_source_frames(cfg),
                                      max_pixels=cfg.max_source_pixels)
-            source_key, source_field = input_source_key(principal.tenant, job_id), "video_url"
+            source_key = input_source_key(principal.tenant, job_id)
             inputs[source_key] = uploaded
         edits.check_source_limits(info, source_field, cfg)
         mask, mask_video = (
-            edits.check_mask(req.mask, info, cfg.max_source_bytes, cfg.max_mask_boxes) if req.mask else (None, None)
+            edits.check_mask(req.mask, info, cfg.max_source_bytes, cfg.max_mask_boxes, self.config.remote_media)
+            if req.mask else (None, None)
         )
         mask_key = None
         if mask_video is not None:
@@ -349,9 +375,36 @@ class JobService:
     def get(self, job_id: str, tenant: str | None = None, param: str = "id") -> JobRecord:
         """The job `job_id` of `tenant`; 404 naming `param` (the request field that gave the id) when there is none."""
         try:
-            return self.store.get(job_id, tenant)
+            job = self.store.get(job_id, tenant)
         except JobNotFound as e:
             raise ApiError(404, "not_found", f"no video job with id {job_id!r}", param) from e
+        if job.deleted_at is not None:
+            raise ApiError(404, "not_found", f"no video job with id {job_id!r} (it was deleted)", param)
+        return job
+
+    def list_page(self, tenant: str, limit: int, after: str | None, order: str) -> tuple[list[JobRecord], bool]:
+        """One page of the tenant's jobs, newest first by default (`after`: the last id of the previous page)."""
+        try:
+            return self.store.list_page(tenant, limit, after, order)
+        except JobNotFound as e:
+            raise ApiError(400, "invalid_cursor", f"after {after!r} is not a video of yours", "after") from e
+
+    def delete(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """Delete a job for its owner: a live one is cancelled first; it is gone from the API at once, its outputs
+        are deleted now (a live one's inputs when it ends, by the sweeper); the row stays for the ledger."""
+        job = self.get(job_id, tenant)
+        if not job.status.terminal:
+            try:
+                self.store.request_cancel(job_id, tenant)
+            except JobStateConflict:
+                pass  # it ended meanwhile
+        self.store.mark_deleted(job_id, time.time())
+        from imagine.storage.retention import Sweeper
+
+        sweeper = Sweeper(self.store, self.artifacts)
+        sweeper.sweep_job(job_id)  # inputs, if it has ended
+        sweeper.sweep_outputs(job_id)
+        return job
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
         self.get(job_id, tenant)
@@ -383,7 +436,8 @@ class JobService:
         if isinstance(job.params, GenerationParams):
             request["has_image"] = job.params.image_key is not None
         return JobResponse(
-            id=job.id, request_id=job.id, kind=job.kind, model=job.model, priority=job.priority, status=job.status.value,
+            id=job.id, request_id=job.id, kind=job.kind, model=job.model, priority=job.priority,
+            status=XAI_STATUS[job.status], state=job.status.value,
             progress=round(job.progress, 4), created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at, deadline_at=job.deadline_at, expires_at=job.expires_at, video=video, error=error, request=request,
             usage=Usage(**self.ledger.job_usage(job)),
@@ -398,13 +452,20 @@ class JobService:
                 "job's record stays", field,
             )
 
-    def content(self, job_id: str, tenant: str | None = None) -> StoredVideo:
-        """The stored video of a done job (409 before it is done, 410 once retention removed it)."""
+    def content(self, job_id: str, tenant: str | None = None, variant: str = "video") -> StoredVideo:
+        """A done job's stored video, or its `thumbnail` / `spritesheet` JPEG (409 before it is done, 410 once
+        retention removed it, 404 for a still the job has none of)."""
         job = self.get(job_id, tenant)
         if job.status != JobStatus.DONE or not job.result:
             raise ApiError(409, "video_not_ready", f"job {job_id} is {job.status.value}; content exists once it is done", "id")
         self._check_not_expired(job, "id")
-        key = job.result["artifact_key"]
+        if variant == "video":
+            key = job.result["artifact_key"]
+        else:
+            key = (job.result.get("artifact_keys") or {}).get(variant)
+            if key is None:
+                raise ApiError(404, "variant_not_found", f"job {job_id} has no {variant} (made before stills were)",
+                               "variant")
         try:
             return StoredVideo(key, self.artifacts.size(key))
         except ArtifactNotFound as e:

@@ -57,6 +57,9 @@ jobs_table = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),
     sa.Column("outputs_purged_at", sa.Float, nullable=True),
     sa.Column("inputs_purged_at", sa.Float, nullable=True),
+    # the API the job was created through (how a shared route renders it), and when its owner deleted it
+    sa.Column("dialect", sa.String(16), nullable=False, server_default="imagine"),
+    sa.Column("deleted_at", sa.Float, nullable=True),
     sa.Index("ix_jobs_status_created", "status", "created_at"),
     sa.Index("ix_jobs_queue_heads", "status", "tenant", "priority", "created_at"),
     sa.Index("ix_jobs_queue_heads_pool", "status", "pool", "tenant", "priority", "created_at"),
@@ -128,6 +131,8 @@ class JobRecord:
     pool: str = DEFAULT_POOL
     expires_at: float | None = None  # a done job's outputs are deleted at this time (None: kept)
     outputs_purged_at: float | None = None
+    dialect: str = "imagine"  # the API it was created through: imagine | openai | xai
+    deleted_at: float | None = None  # deleted by its owner: gone from the API, its files swept
 
     def expired(self, now: float | None = None) -> bool:
         """Whether this job's outputs are past their retention (deleted, or about to be)."""
@@ -149,6 +154,7 @@ class NewJob:
     api_key_id: str | None = None
     deadline_at: float | None = None
     pool: str = DEFAULT_POOL
+    dialect: str = "imagine"
 
     def __post_init__(self) -> None:
         expected = params_type(self.kind)
@@ -195,6 +201,8 @@ def _row_to_record(row: sa.Row) -> JobRecord:
         pool=m["pool"],
         expires_at=m["expires_at"],
         outputs_purged_at=m["outputs_purged_at"],
+        dialect=m["dialect"],
+        deleted_at=m["deleted_at"],
     )
 
 
@@ -264,6 +272,45 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_row_to_record(r) for r in conn.execute(query)]
 
+    def list_page(
+        self, tenant: str, limit: int, after: str | None = None, order: str = "desc"
+    ) -> tuple[list[JobRecord], bool]:
+        """One page of `tenant`'s jobs (not deleted) by creation time, `order` asc|desc, starting after job `after`
+        (a cursor: the last id of the previous page; a job of another tenant, or none, raises JobNotFound); returns
+        (jobs, whether more follow)."""
+        j = jobs_table
+        query = sa.select(j).where(j.c.tenant == tenant, j.c.deleted_at.is_(None))
+        ascending = order == "asc"
+        if after is not None:
+            with self.engine.connect() as conn:
+                cursor = conn.execute(
+                    sa.select(j.c.created_at, j.c.id).where(j.c.id == after, j.c.tenant == tenant)
+                ).first()
+            if cursor is None:
+                raise JobNotFound(after)
+            key = sa.tuple_(j.c.created_at, j.c.id)
+            query = query.where(key > sa.tuple_(*cursor) if ascending else key < sa.tuple_(*cursor))
+        columns = (j.c.created_at, j.c.id) if ascending else (j.c.created_at.desc(), j.c.id.desc())
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(*columns).limit(limit + 1)).fetchall()
+        return [_row_to_record(r) for r in rows[:limit]], len(rows) > limit
+
+    def mark_deleted(self, job_id: str, now: float) -> bool:
+        """Its owner deleted the job: hide it from the API and let the sweeper delete its outputs now (expiry moved
+        to now) and its inputs once it has ended. False when it was already deleted."""
+        j = jobs_table
+        with self.write_guard(), self.engine.begin() as conn:
+            return conn.execute(
+                sa.update(j)
+                .where(j.c.id == job_id, j.c.deleted_at.is_(None))
+                .values(
+                    deleted_at=now,
+                    updated_at=now,
+                    expires_at=sa.case((j.c.expires_at.is_(None), now), (j.c.expires_at > now, now),
+                                       else_=j.c.expires_at),
+                )
+            ).rowcount == 1
+
     def count_by_status(self) -> dict[str, int]:
         query = sa.select(jobs_table.c.status, sa.func.count()).group_by(jobs_table.c.status)
         with self.engine.connect() as conn:
@@ -296,6 +343,7 @@ class JobStore:
             "api_key_id": job.api_key_id,
             "deadline_at": job.deadline_at,
             "pool": job.pool,
+            "dialect": job.dialect,
         }
         conn.execute(sa.insert(jobs_table).values(**values))
 
@@ -526,13 +574,16 @@ class JobStore:
         raise JobStateConflict(job_id, job.status, "cancel")
 
     def complete(self, job_id: str, attempt: int, result: dict[str, Any], retain_s: float | None = None) -> bool:
-        """running -> done with its result; its outputs expire `retain_s` after now (None: kept)."""
+        """running -> done with its result; its outputs expire `retain_s` after now (None: kept), or at once when
+        its owner deleted it meanwhile."""
         now = time.time()
+        keep_until = now + retain_s if retain_s is not None else None
+        expires_at = sa.case((jobs_table.c.deleted_at.is_not(None), now), else_=keep_until)
         return self._transition(
             job_id,
             (JobStatus.RUNNING,),
             {"status": JobStatus.DONE.value, "result": json.dumps(result), "progress": 1.0, "finished_at": now,
-             "expires_at": now + retain_s if retain_s is not None else None},
+             "expires_at": expires_at},
             attempt,
         )
 
@@ -573,15 +624,15 @@ class JobStore:
                 sa.update(j).where(j.c.id.in_(job_ids), j.c.inputs_purged_at.is_(None)).values(inputs_purged_at=now)
             ).rowcount
 
-    def outputs_past_retention(self, now: float, limit: int) -> list[JobRecord]:
-        """Done jobs whose outputs expired and are not deleted yet."""
+    def outputs_past_retention(self, now: float, limit: int, job_id: str | None = None) -> list[JobRecord]:
+        """Done jobs whose outputs expired and are not deleted yet (only `job_id`, when given)."""
         j = jobs_table
-        query = (
-            sa.select(j)
-            .where(j.c.outputs_purged_at.is_(None), j.c.expires_at <= now, j.c.status == JobStatus.DONE.value)
-            .order_by(j.c.expires_at)
-            .limit(limit)
+        query = sa.select(j).where(
+            j.c.outputs_purged_at.is_(None), j.c.expires_at <= now, j.c.status == JobStatus.DONE.value
         )
+        if job_id is not None:
+            query = query.where(j.c.id == job_id)
+        query = query.order_by(j.c.expires_at).limit(limit)
         with self.engine.connect() as conn:
             return [_row_to_record(r) for r in conn.execute(query)]
 

@@ -136,19 +136,32 @@ def _component_class(library: str, class_name: str) -> type:
         raise ModelSourceError(f"{MODEL_INDEX}: class {class_name!r} not found in {module.__name__}") from e
 
 
+def device_map(device: str | torch.device) -> torch.device | None:
+    """`from_pretrained`'s `device_map` for a module loaded onto `device`: None on the CPU (load, then `.to`), else
+    the device, so the weights are read straight onto it instead of through a full host copy.
+
+    Both libraries take a device string or a `torch.device` (diffusers 0.42 and transformers 5 turn either into
+    `{"": device}`; accelerate's dispatch then only calls `.to(device)` on the already-placed module, no hooks).
+    A `torch.device` rather than the string because transformers rewrites the string "cuda" into
+    "cuda:$LOCAL_RANK", which a rank whose Ray-narrowed CUDA_VISIBLE_DEVICES shows one GPU does not have."""
+    placed = torch.device(device)
+    return None if placed.type == "cpu" else placed
+
+
 def load_components(
     model_dir: Path, names: list[str], device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
     """Load the named pipeline components from `model_dir` (classes as recorded in its model_index.json).
 
-    Modules are moved to `device`/`dtype` and put in eval mode; tokenizers, schedulers and image processors are
-    returned as loaded.
+    Modules are loaded in `dtype` onto `device` (off the CPU: straight onto it, see `device_map`) and put in eval
+    mode; tokenizers, schedulers and image processors are returned as loaded.
     """
     model_dir = Path(model_dir)
     index_path = model_dir / MODEL_INDEX
     if not index_path.is_file():
         raise ModelSourceError(f"model_dir: {str(model_dir)!r} has no {MODEL_INDEX}")
     index = json.loads(index_path.read_text())
+    placement = device_map(device)
     components: dict[str, Any] = {}
     for name in names:
         entry = index.get(name)
@@ -159,9 +172,19 @@ def load_components(
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             # dtype at load time (not `.to(dtype)` afterwards) so modules a class keeps in fp32 stay in fp32
             dtype_kwarg = {"dtype": dtype} if library == "transformers" else {"torch_dtype": dtype}
-            component = cls.from_pretrained(str(model_dir), subfolder=name, **dtype_kwarg)
-            component = component.to(device).eval()
+            if placement is None:
+                component = cls.from_pretrained(str(model_dir), subfolder=name, **dtype_kwarg).to(device)
+            else:
+                component = cls.from_pretrained(str(model_dir), subfolder=name, device_map=placement, **dtype_kwarg)
+            component = component.eval()
         else:  # tokenizer, scheduler
             component = cls.from_pretrained(str(model_dir), subfolder=name)
         components[name] = component
     return components
+
+
+def move_components(components: dict[str, Any], device: str | torch.device) -> None:
+    """Move every module of `components` (as `load_components` returns them) to `device`, in place."""
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device)

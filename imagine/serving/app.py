@@ -69,11 +69,12 @@ def _deployment(cls: type, name: str, options: dict[str, Any]) -> serve.Deployme
 
 def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
     """Serve options of one denoiser pool. A parallel pool's replica reserves its ranks' devices as one
-    STRICT_PACK placement group (one node): bundle 0 for the replica, one `{GPU: 1}` bundle per rank."""
+    STRICT_PACK placement group (one node): bundle 0 for the replica (no GPU: it drives the ranks and runs no
+    model), one `{GPU: 1}` bundle per rank."""
     from imagine.serving.ranks import rank_bundles
 
     cfg = config.sampler_pools()[pool]
-    opts = cfg.serve_options()
+    opts = config.stage_options(pool)
     # scale on the job queue (read from the store by the controller, so a pool at zero replicas sees its demand) and
     # the replicas' denoising counts, not on Serve's request counts: see autoscaling.py
     opts["autoscaling_config"]["policy"] = {
@@ -85,11 +86,11 @@ def denoiser_options(config: AppConfig, pool: str) -> dict[str, Any]:
         },
     }
     if cfg.parallel.degree > 1:
-        device = "cuda" if config.model.device.startswith("cuda") else "cpu"
-        declare = device == "cuda" or cfg.num_gpus > 0  # on CPU, num_gpus > 0 models GPU nodes (simulated clusters)
+        device = "cuda" if config.model.on_cuda else "cpu"
         opts["ray_actor_options"] = {"num_cpus": max(cfg.num_cpus, 0.01), "num_gpus": 0}
         opts["placement_group_bundles"] = rank_bundles(
-            cfg.parallel.degree, device, cfg.parallel.cpus_per_rank, max(cfg.num_cpus, 0.01), declare
+            cfg.parallel.degree, device, cfg.parallel.cpus_per_rank, max(cfg.num_cpus, 0.01),
+            config.ranks_hold_gpus(pool),
         )
         opts["placement_group_strategy"] = "STRICT_PACK"
     return opts
@@ -110,8 +111,8 @@ def build_router(config: AppConfig) -> Callable[[GenerationParams], str] | None:
         Budget(
             device_memory_bytes=r.device_memory_gib * 2**30,
             reserve_bytes=r.reserve_gib * 2**30,
-            bytes_per_param=4 if config.model.dtype == "float32" else 2,
-            bytes_per_activation=4 if config.model.dtype == "float32" else 2,
+            bytes_per_param=4 if config.model.resolved_dtype == "float32" else 2,
+            bytes_per_activation=4 if config.model.resolved_dtype == "float32" else 2,
             peak_flops=r.peak_tflops * 1e12,
             mfu=r.mfu,
             link_bytes_per_s=r.link_gbps * 1e9,
@@ -147,24 +148,24 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> serve.Applicati
     served_grounding_preset(config)  # a bad grounding preset fails here too
     build_router(config)  # a bad routing setup fails here, not in the ingress replicas
 
-    encoder = _deployment(TextEncoderServer, "TextEncoder", config.text_encoder.serve_options()).bind(config)
+    encoder = _deployment(TextEncoderServer, "TextEncoder", config.stage_options("text_encoder")).bind(config)
     # every denoiser pool, the editor's (Wan VACE) included: the same deployment class, its preset chosen by pool
     denoisers = {
         pool: _deployment(DenoiserServer, denoiser_deployment_name(pool), denoiser_options(config, pool)).bind(config, pool)
         for pool in config.sampler_pools()
     }
-    decoder = _deployment(DecoderServer, "Decoder", config.decoder.serve_options()).bind(config)
+    decoder = _deployment(DecoderServer, "Decoder", config.stage_options("decoder")).bind(config)
     grounder = edit_codec = None
     if edit_preset is not None:
         from imagine.serving.edits import EditCodecServer, GrounderServer
 
-        grounder = _deployment(GrounderServer, "Grounder", config.grounder.serve_options()).bind(config)
-        edit_codec = _deployment(EditCodecServer, "EditCodec", config.edit_codec.serve_options()).bind(config)
-    scheduler_opts = config.scheduler.serve_options()
+        grounder = _deployment(GrounderServer, "Grounder", config.stage_options("grounder")).bind(config)
+        edit_codec = _deployment(EditCodecServer, "EditCodec", config.stage_options("edit_codec")).bind(config)
+    scheduler_opts = config.stage_options("scheduler")
     scheduler_opts.pop("autoscaling_config")
     scheduler_opts["num_replicas"] = 1  # one dispatcher: its queue view is the store's
     scheduler = _deployment(SchedulerServer, "Scheduler", scheduler_opts).bind(
         config, encoder, denoisers, decoder, grounder, edit_codec
     )
     ingress_cls = serve.ingress()(IngressServer)
-    return _deployment(ingress_cls, "Ingress", config.ingress.serve_options()).bind(config, scheduler)
+    return _deployment(ingress_cls, "Ingress", config.stage_options("ingress")).bind(config, scheduler)

@@ -20,6 +20,7 @@ from imagine.editing.instructions import EditInstruction, Place
 from imagine.jobs import JobRecord
 from imagine.pipeline.masks import boxes_to_masks
 from imagine.pipeline.media import read_video, remux_with_source_audio
+from imagine.pipeline.stills import store_stills
 from imagine.pipeline.vace import EditSpec, VaceConditioning, VaceDecoderStage, VaceEncoderStage, VaceLatents
 from imagine.serving.samplers import component_config, served_edit_preset, served_grounding_preset
 from imagine.serving.stages import StageHost, video_result
@@ -186,7 +187,9 @@ class EditCodecServer(StageHost):
                     preset=self.config.mp4_preset,
                 )
                 size = self.artifacts.put_file(artifact_key, out)
+                stills = store_stills(self.artifacts, artifact_key, frames)
         finally:
             self.meter(job, "edit_decoder", time.perf_counter() - started)
         stage_seconds = {"decode": decoded - started, "mux_store": time.perf_counter() - decoded}
-        return video_result(artifact_key, size, info, stage_seconds, mask_fraction=float(masks.float().mean()))
+        return video_result(artifact_key, size, info, stage_seconds, artifact_keys=stills,
+                            mask_fraction=float(masks.float().mean()))

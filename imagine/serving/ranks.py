@@ -10,10 +10,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
@@ -36,6 +44,8 @@ FAILURE_GRACE_S = 2.0
 # The rank actors' default concurrency group runs one call at a time (collectives must not interleave); the
 # "control" group answers pings and rendezvous while a long call is in flight.
 CONTROL_GROUP = "control"
+# How often a restart looks whether a killed rank's process is gone (no event to wait on for another's process).
+EXIT_POLL_S = 0.05
 
 
 class PlacementTimeout(TimeoutError):
@@ -51,6 +61,15 @@ class RankFailure(RuntimeError):
         super().__init__(message)
         self.rank = rank
         self.cause = cause
+
+
+@dataclass(frozen=True)
+class _KilledRank:
+    """A rank killed but not yet seen to exit: its actor, and (node id, pid) of its process once it reported them."""
+
+    rank: int
+    worker: Any
+    process: tuple[str, int] | None
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,11 @@ class RankWorker:
     def ping(self) -> int:
         return self.rank
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def process(self) -> tuple[str, int]:
+        """(Ray node id, pid) of this rank's process: where a restart waits for it to exit once killed."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
     def setup(
         self, master_addr: str, master_port: int, backend: str, factory: RankFactory, timeout_s: float
     ) -> RankInfo:
@@ -195,16 +219,19 @@ class RankGroup:
         setup_timeout_s: float = 300.0,
         collective_timeout_s: float = 600.0,
         call_timeout_s: float | None = None,
+        exit_timeout_s: float = 30.0,
     ):
         """`factory(rank, world_size)` runs in each rank after the process group is up (must be picklable).
         `declare_gpus` defaults to `device == "cuda"`. `setup_timeout_s` bounds actor start + join + factory;
-        `call_timeout_s` is the default bound of one call (None: only the collective timeout bounds it)."""
+        `call_timeout_s` is the default bound of one call (None: only the collective timeout bounds it);
+        `exit_timeout_s` bounds how long `restart()` / `shutdown()` wait for killed ranks' processes to exit."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         for name, value in (
             ("placement_timeout_s", placement_timeout_s),
             ("setup_timeout_s", setup_timeout_s),
             ("collective_timeout_s", collective_timeout_s),
+            ("exit_timeout_s", exit_timeout_s),
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -219,10 +246,13 @@ class RankGroup:
         self.setup_timeout_s = setup_timeout_s
         self.collective_timeout_s = collective_timeout_s
         self.call_timeout_s = call_timeout_s
+        self.exit_timeout_s = exit_timeout_s
 
         self._call_lock = threading.Lock()  # one call (and start) at a time
         self._state_lock = threading.Lock()  # guards the fields below; never held while waiting on ranks
         self._workers: list[ray.actor.ActorHandle] = []
+        self._processes: list[tuple[str, int]] = []  # (node id, pid) of each of `_workers`, once they reported
+        self._killed: list[_KilledRank] = []  # killed ranks whose exit the next restart() / shutdown() waits for
         self._info: list[RankInfo] = []
         self._pg: PlacementGroup | None = None
         self._own_pg = False
@@ -253,18 +283,22 @@ class RankGroup:
             self._launch()
 
     def restart(self) -> None:
-        """Kill the current ranks (stuck or not) and start a fresh group on the same reservation (new port)."""
+        """Kill the current ranks (stuck or not), wait (bounded) until their processes, and any killed by a failed
+        call before, have exited -- so the new ranks find the device memory free -- and start a fresh group on the
+        same reservation (new port)."""
         self._kill_ranks()
+        self._wait_for_exits()
         self.start()
 
     def shutdown(self) -> None:
-        """Kill the ranks and release the placement group this object created. Idempotent. A call in flight
-        fails with `RankFailure`."""
+        """Kill the ranks, wait (bounded) for their processes to exit, and release the placement group this object
+        created. Idempotent. A call in flight fails with `RankFailure`."""
         self._kill_ranks()
         with self._state_lock:
             self._closed = True
             pg, own = self._pg, self._own_pg
             self._pg, self._own_pg = None, False
+        self._wait_for_exits()  # before the devices go back to Ray: nothing may be placed on them while still held
         if pg is not None and own:
             remove_placement_group(pg)
 
@@ -378,9 +412,16 @@ class RankGroup:
             for rank in range(self.world_size)
         ]
         with self._state_lock:
-            self._workers, self._info, self._broken = workers, [], False
+            self._workers, self._processes, self._info, self._broken = workers, [], [], False
         deadline = time.monotonic() + self.setup_timeout_s
-        (master,) = self._gather([workers[0].rendezvous.remote()], "rendezvous", self.setup_timeout_s, workers)
+        # where each rank's process runs, first: a rank killed later (even in a failed setup) is then waited for
+        processes = self._gather([w.process.remote() for w in workers], "start", self.setup_timeout_s, workers)
+        with self._state_lock:
+            if self._workers is workers:
+                self._processes = [tuple(p) for p in processes]
+        (master,) = self._gather(
+            [workers[0].rendezvous.remote()], "rendezvous", max(0.0, deadline - time.monotonic()), workers
+        )
         addr, port = master
         refs = [w.setup.remote(addr, port, self.backend, self.factory, self.collective_timeout_s) for w in workers]
         info = self._gather(refs, "setup", max(0.0, deadline - time.monotonic()), workers)
@@ -441,14 +482,82 @@ class RankGroup:
         self._kill_ranks(broken=True, only=workers)
 
     def _kill_ranks(self, broken: bool = False, only: Sequence[Any] | None = None) -> None:
-        """Kill every rank at once (no graceful teardown: a rank may be stuck in a collective). With `only`: just
-        those ranks, and the group's state changes only if they are its current ranks."""
+        """Kill every rank at once (no graceful teardown: a rank may be stuck in a collective) and remember them,
+        so the next `restart()` / `shutdown()` waits for their processes to exit. With `only`: just those ranks,
+        and the group's state changes only if they are its current ranks (others were killed, and remembered, by
+        whatever replaced them)."""
         with self._state_lock:
             workers = self._workers if only is None else only
             if workers and workers is self._workers:
-                self._workers, self._info, self._broken = [], [], broken
+                processes = self._processes or [None] * len(workers)
+                self._killed += [_KilledRank(r, w, p) for r, (w, p) in enumerate(zip(workers, processes))]
+                self._workers, self._processes, self._info, self._broken = [], [], [], broken
         for worker in workers:
             ray.kill(worker, no_restart=True)
+
+    def _wait_for_exits(self) -> None:
+        """Wait until every remembered killed rank's process has exited, `exit_timeout_s` for all of them; a rank
+        past it is logged (rank, pid) and left behind. `ray.kill` returns at once, while the process may still hold
+        its device memory. A process on this node is watched by its pid; one elsewhere (or one killed before it
+        reported its pid) until its actor is reported dead, which Ray may do slightly before the process is gone."""
+        with self._state_lock:
+            killed, self._killed = self._killed, []
+        if not killed:
+            return
+        here = ray.get_runtime_context().get_node_id()
+        deadline = time.monotonic() + self.exit_timeout_s
+        for k in killed:
+            if k.process is not None and k.process[0] == here:
+                exited = _wait_pid_exit(k.process[1], deadline)
+            else:
+                exited = _wait_actor_died(k.worker, deadline)
+            if not exited:
+                pid = "unknown" if k.process is None else k.process[1]
+                logger.warning(
+                    "rank %d (pid %s, node %s) was killed but has not exited within %.0fs; going on without waiting",
+                    k.rank, pid, "unknown" if k.process is None else k.process[0], self.exit_timeout_s,
+                )
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs. A zombie (exited, not yet reaped by its parent) does not:
+    its memory, device memory included, is already released."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    if not Path("/proc/self/stat").exists():
+        return True  # no procfs: the pid exists, zombie or not
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False  # exited meanwhile
+    return state not in ("Z", "X")
+
+
+def _wait_pid_exit(pid: int, deadline: float) -> bool:
+    while process_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(EXIT_POLL_S)
+    return True
+
+
+def _wait_actor_died(worker: Any, deadline: float) -> bool:
+    """Ping a killed rank until Ray reports its actor dead (True) or `deadline` passes (False)."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            ray.get(worker.ping.remote(), timeout=remaining)
+        except ActorUnavailableError:
+            pass  # transient (e.g. being killed); ask again
+        except RayActorError:
+            return True
+        except GetTimeoutError:
+            return False
+        time.sleep(min(EXIT_POLL_S, max(0.0, deadline - time.monotonic())))
+    return False
 
 
 def _shared(value: Any) -> Any:

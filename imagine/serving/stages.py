@@ -24,10 +24,18 @@ from imagine.models.presets import ModelPreset
 from imagine.pipeline.decode import DecoderStage
 from imagine.pipeline.encode import TextEncoderStage
 from imagine.pipeline.media import MediaInfo, mux_mp4
+from imagine.pipeline.stills import store_stills
 from imagine.pipeline.types import Latents, PromptEmbeddings
 from imagine.serving.ranks import RankedLoop
 from imagine.serving.runner import LocalLoop, SampleOutcome, SamplingRunner
-from imagine.serving.samplers import load_pool_sampler, preset_dir, served_preset, torch_dtype
+from imagine.serving.samplers import (
+    configure_torch,
+    load_pool_sampler,
+    pool_setup_timeout_s,
+    preset_dir,
+    served_preset,
+    torch_dtype,
+)
 from imagine.storage import open_artifact_store
 from imagine.storage.keys import checkpoint_key
 
@@ -68,7 +76,7 @@ class StageHost:
     def __init__(self, config: AppConfig, preset: ModelPreset | None = None, components: Sequence[str] = ()):
         self.config = config
         self.device = config.model.device
-        self.dtype = torch_dtype(config.model.dtype)
+        self.dtype = torch_dtype(config.model.resolved_dtype)
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}-torch")
         self.loaded = self.on_torch_thread(self._load, preset, list(components))
         self.store = JobStore(config.resolved_database_url, migrate=config.migrate_on_start)
@@ -84,8 +92,7 @@ class StageHost:
         self.ledger.record(job, stage, wall_s, self.device)
 
     def _load(self, preset: ModelPreset | None, components: list[str]) -> dict[str, Any]:
-        if self.config.model.torch_threads:
-            torch.set_num_threads(self.config.model.torch_threads)
+        configure_torch(self.config)  # on the torch thread, before anything runs there
         if preset is None or not components:
             return {}
         started = time.perf_counter()
@@ -145,13 +152,14 @@ class DenoiserServer(StageHost):
         from imagine.serving.ranks import RankGroup
         from imagine.serving.samplers import SamplerRank
 
-        device = "cuda" if self.config.model.device.startswith("cuda") else "cpu"
+        device = "cuda" if self.config.model.on_cuda else "cpu"
         group = RankGroup(
             self.parallel.degree,
             functools.partial(SamplerRank, self.config, self.pool),
             device,
             cpus_per_rank=self.parallel.cpus_per_rank,
-            declare_gpus=self.config.sampler_pools()[self.pool].num_gpus > 0 or device == "cuda",
+            declare_gpus=self.config.ranks_hold_gpus(self.pool),
+            setup_timeout_s=pool_setup_timeout_s(self.config, self.pool),  # fetches the model here, once per node
             collective_timeout_s=self.parallel.timeout_s,
         )
         group.start()
@@ -217,6 +225,7 @@ class DecoderServer(StageHost):
             path = Path(tmp) / "video.mp4"
             info = mux_mp4(media, path, crf=self.config.mp4_crf, preset=self.config.mp4_preset)
             size = self.artifacts.put_file(artifact_key, path)
+        stills = store_stills(self.artifacts, artifact_key, media.frames)
         self.meter(job, "decoder", time.perf_counter() - started)
         stage_seconds = {"decode": decoded - started, "mux_store": time.perf_counter() - decoded}
-        return video_result(artifact_key, size, info, stage_seconds)
+        return video_result(artifact_key, size, info, stage_seconds, artifact_keys=stills)

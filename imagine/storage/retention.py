@@ -52,6 +52,12 @@ class Sweeper:
         jobs = self.store.ended_unswept(1, job_id)
         return bool(jobs) and self._sweep_inputs(jobs, time.time()) == 1
 
+    def sweep_outputs(self, job_id: str) -> bool:
+        """Delete one done job's outputs now if they are past retention (a deleted job's are at once)."""
+        now = time.time()
+        jobs = self.store.outputs_past_retention(now, 1, job_id)
+        return bool(jobs) and self._sweep_outputs(jobs, now) == 1
+
     def _sweep_inputs(self, jobs: list[JobRecord], now: float) -> int:
         keys = [k for job in jobs for k in scratch_keys(job.tenant, job.id)]
         keys += [job.checkpoint_key for job in jobs if job.checkpoint_key]
