@@ -45,7 +45,7 @@ def test_resolved_dtype_follows_a_later_device_change():
 
 def test_the_router_budgets_the_resolved_dtype(monkeypatch):
     """Routing's memory model counts bytes per parameter from the dtype the pools actually load."""
-    import imagine.parallel.routing as routing
+    from imagine.parallel import routing
     from imagine.serving.app import build_router
 
     seen = []

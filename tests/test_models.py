@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -234,7 +235,7 @@ def test_s3_model_keys_leaving_the_model_directory_are_refused(tmp_path, s3_serv
 class _Recorded(torch.nn.Module):
     """A module class whose `from_pretrained` records its keyword arguments."""
 
-    calls: list[dict] = []
+    calls: ClassVar[list[dict]] = []
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
@@ -262,17 +263,13 @@ def test_modules_load_straight_onto_a_device_off_the_cpu(tmp_path, monkeypatch, 
     assert not any(module.training for module in loaded.values())
 
 
-@pytest.mark.parametrize("build", [tiny.ensure_tiny_ltx2, "tiny_vace", "tiny_grounding"])
-def test_device_map_loading_equals_loading_then_moving(tmp_path, monkeypatch, build):
+@pytest.mark.parametrize("source", ["builtin:tiny", "builtin:tiny-vace", "builtin:tiny-grounding"])
+def test_device_map_loading_equals_loading_then_moving(tmp_path, monkeypatch, source):
     """The device_map path of diffusers and transformers, run on the CPU, loads every module of the three builtin
     models (weights and buffers, in bfloat16) exactly as loading on the CPU does."""
     import json
 
-    from imagine.models.tiny_grounding import ensure_tiny_grounding
-    from imagine.models.tiny_vace import ensure_tiny_vace
-
-    ensure = {"tiny_vace": ensure_tiny_vace, "tiny_grounding": ensure_tiny_grounding}.get(build, build)
-    model_dir = ensure(tmp_path)
+    model_dir = loading.BUILTIN_BUILDERS[source](tmp_path)
     index = json.loads((model_dir / "model_index.json").read_text())
     names = [name for name, entry in index.items() if isinstance(entry, list) and entry[0] is not None]
     plain = load_components(model_dir, names, "cpu", torch.bfloat16)
